@@ -1,0 +1,5 @@
+import sys
+
+from jaxnets.cli import main
+
+sys.exit(main())

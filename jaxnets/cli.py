@@ -1,0 +1,121 @@
+"""The ``jaxnets`` command: parses arguments and dispatches; the work lives in the modules.
+
+Errors the user can cause print one line on stderr (a traceback only with ``--debug``); exit
+code 2 for usage errors, 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from jaxnets.errors import JaxnetsError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a name from configs/ (see `jaxnets list`) or a TOML file")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--train-limit", type=int, metavar="N",
+                   help="use only the first N training examples")
+    p.add_argument("--dataset", help="override data.dataset (mnist, fashion_mnist, ...)")
+    p.add_argument("--data-dir", metavar="DIR", help="a directory holding the four IDX files")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/CONFIG/...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config key, e.g. --set optimizer.learning_rate=0.01")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxnets",
+        description="The classic small networks in JAX/Flax and PyTorch, provably the same.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("list", help="the experiments, one line each")
+    train = sub.add_parser("train", help="train one config in one framework")
+    _add_run_options(train)
+    train.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    compare = sub.add_parser("compare", help="train in JAX and PyTorch side by side (main job)")
+    _add_run_options(compare)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.epochs is not None:
+        extra.append(f"train.epochs={args.epochs}")
+    if args.train_limit is not None:
+        extra.append(f"data.train_limit={args.train_limit}")
+    if args.dataset is not None:
+        extra.append(f'data.dataset="{args.dataset}"')
+    if args.data_dir is not None:
+        extra.append(f'data.data_dir="{Path(args.data_dir).expanduser()}"')
+    return [*args.overrides, *extra]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from jaxnets.config import available_configs, load_config
+
+    for name in available_configs():
+        cfg = load_config(name)
+        print(f"{name:<20} {cfg['data']['dataset']:<14} {cfg['description']}")
+    return 0
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise JaxnetsError("this command needs PyTorch, which is not installed: "
+                           "pip install torch==2.13.0") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxnets.config import load_config
+    from jaxnets.data import load_dataset
+    from jaxnets.runner import fit
+
+    cfg = load_config(args.config, _overrides(args))
+    out = Path(args.out or f"runs/{cfg['name']}/{args.framework}")
+    dataset = load_dataset(cfg["data"])
+    if args.framework == "torch":
+        _require_torch()
+        from torchref.train import Trainer
+    else:
+        from jaxnets.train import Trainer
+    fit(Trainer(cfg, dataset), cfg, out, progress=not args.quiet)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from jaxnets.config import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    _require_torch()
+    from torchref.compare import compare
+
+    compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except JaxnetsError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"jaxnets: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("jaxnets: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

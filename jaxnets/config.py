@@ -1,0 +1,253 @@
+"""Experiment configs: one TOML file per experiment in ``configs/``, read by both frameworks.
+
+A config is parsed as data (``tomllib``), merged over :data:`DEFAULTS`, and validated: every
+key must exist in :data:`DEFAULTS`, have the same type, and lie in range. Nothing in a config
+is ever executed. ``--set section.key=value`` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from jaxnets.errors import ConfigError
+
+# Every valid key, with its default. A key that is not here is an error, with the closest
+# valid key suggested.
+DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "description": "",
+    "source": "",
+    "reported_result": "",
+    "seed": 0,
+    "data": {
+        "dataset": "fashion_mnist",
+        # Images held out of the training set as a validation split (Paddle: 50k/10k/10k).
+        "valid_size": 0,
+        # "scale": pixels / 255 (torchvision's ToTensor); "normalize": (pixels / 255 - mean) / std.
+        "preprocess": "scale",
+        "mean": 0.0,
+        "std": 1.0,
+        # True: (N, 784) vectors; False: images, NHWC for Flax and NCHW for PyTorch.
+        "flatten": True,
+        # Use only the first N training images (0: all of them).
+        "train_limit": 0,
+        # Directory with the four IDX files ("": JAXNETS_DATA_DIR, TFDS, then Debian's package).
+        "data_dir": "",
+    },
+    "model": {
+        "name": "MLP",
+        "in_features": 784,
+        "hidden": [512, 512],
+        "out_features": 10,
+        "activation": "relu",
+        "init": "torch",
+    },
+    "optimizer": {
+        "name": "adam",
+        "learning_rate": 1e-3,
+        "momentum": 0.0,
+        # Coupled weight decay (added to the gradient), as torch.optim.SGD/Adam do.
+        "weight_decay": 0.0,
+    },
+    "train": {
+        "batch_size": 100,
+        "epochs": 10,
+        "shuffle": True,
+        "loss": "cross_entropy",
+        # Print the running loss every N steps (the sources' "loss printed every 100 steps").
+        "log_every": 100,
+        "eval_batch_size": 1000,
+    },
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("mnist", "fashion_mnist", "spiral", "cubic"),
+    "data.preprocess": ("scale", "normalize", "none"),
+    "model.name": ("MLP",),
+    "model.activation": ("relu", "sigmoid", "tanh", "none"),
+    "model.init": ("torch", "flax"),
+    "optimizer.name": ("sgd", "adam"),
+    "train.loss": ("cross_entropy", "mse"),
+}
+
+# (lower bound, inclusive?) per numeric key.
+RANGES: dict[str, tuple[float, bool]] = {
+    "optimizer.learning_rate": (0.0, False),
+    "optimizer.momentum": (0.0, True),
+    "optimizer.weight_decay": (0.0, True),
+    "train.batch_size": (1, True),
+    "train.epochs": (1, True),
+    "train.log_every": (1, True),
+    "train.eval_batch_size": (1, True),
+    "data.valid_size": (0, True),
+    "data.train_limit": (0, True),
+    "data.std": (0.0, False),
+    "model.in_features": (1, True),
+    "model.out_features": (1, True),
+}
+
+_REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_dirs() -> list[Path]:
+    """Where config names are looked up: $JAXNETS_CONFIG_DIR, ./configs, the repository's."""
+    dirs = [Path(d) for d in os.environ.get("JAXNETS_CONFIG_DIR", "").split(os.pathsep) if d]
+    return [*dirs, Path.cwd() / "configs", _REPO_CONFIGS]
+
+
+def available_configs() -> dict[str, Path]:
+    """Every config name found, mapped to its file (earlier directories win)."""
+    found: dict[str, Path] = {}
+    for d in reversed(config_dirs()):
+        if d.is_dir():
+            found.update({p.stem: p for p in sorted(d.glob("*.toml"))})
+    return dict(sorted(found.items()))
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config name from ``configs/`` or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return path
+    known = available_configs()
+    if name_or_path in known:
+        return known[name_or_path]
+    hint = difflib.get_close_matches(name_or_path, known, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise ConfigError(
+        f"unknown config {name_or_path!r}{suggestion}; `jaxnets list` shows the "
+        f"{len(known)} available"
+    )
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load, merge over the defaults, apply ``key=value`` overrides and validate."""
+    path = resolve_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, raw, DEFAULTS, prefix="", origin=str(path))
+    if not cfg["name"]:
+        cfg["name"] = path.stem
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optimizer.learning_rate=0.01"`` -> ``("optimizer.learning_rate", 0.01)``.
+
+    The value is read as a TOML value (numbers, booleans, ``[1, 2]``, quoted strings); anything
+    that is not valid TOML is taken as a bare string, so ``data.dataset=mnist`` works.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def apply_override(cfg: dict[str, Any], item: str) -> None:
+    key, value = parse_override(item)
+    *sections, leaf = key.split(".")
+    node, schema, walked = cfg, DEFAULTS, []
+    for section in sections:
+        walked.append(section)
+        if not isinstance(schema.get(section), dict):
+            raise ConfigError(_unknown_key(".".join(walked), schema, ".".join(walked[:-1])))
+        node, schema = node[section], schema[section]
+    _set_checked(node, schema, leaf, value, prefix=".".join(sections), origin="--set")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Choices and ranges; types were checked as values came in."""
+    for dotted, choices in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(
+                f"{dotted} = {value!r} is not one of: {', '.join(map(repr, choices))}"
+            )
+    for dotted, (low, inclusive) in RANGES.items():
+        value = _get(cfg, dotted)
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"{dotted} = {value!r} is out of range: it must be {bound}")
+    for i, width in enumerate(cfg["model"]["hidden"]):
+        if width < 1:
+            raise ConfigError(f"model.hidden[{i}] = {width} is out of range: it must be >= 1")
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _merge(cfg: dict, raw: dict, schema: dict, prefix: str, origin: str) -> None:
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(schema.get(key), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: {dotted} must be a [{dotted}] table")
+            _merge(cfg[key], value, schema[key], dotted, origin)
+        else:
+            _set_checked(cfg, schema, key, value, prefix, origin)
+
+
+def _set_checked(node: dict, schema: dict, key: str, value: Any, prefix: str, origin: str) -> None:
+    dotted = f"{prefix}.{key}" if prefix else key
+    if key not in schema:
+        raise ConfigError(f"{origin}: " + _unknown_key(dotted, schema, prefix))
+    if isinstance(schema[key], dict):
+        raise ConfigError(f"{origin}: {dotted} is a section; set one of its keys, e.g. "
+                          f"{dotted}.{next(iter(schema[key]))}")
+    node[key] = _coerce(dotted, value, schema[key], origin)
+
+
+def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list:
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{origin}: {dotted} must be a list of integers, got {value!r}")
+        return value
+    if type(value) is not expected:
+        raise ConfigError(
+            f"{origin}: {dotted} must be {_TYPE_NAMES[expected]}, got {value!r} "
+            f"({_TYPE_NAMES.get(type(value), type(value).__name__)})"
+        )
+    return value
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "a list", dict: "a table"}
+
+
+def _unknown_key(dotted: str, schema: dict, prefix: str) -> str:
+    leaf = dotted.rsplit(".", 1)[-1]
+    options = [f"{prefix}.{k}" if prefix else k for k in schema]
+    hint = difflib.get_close_matches(dotted, options, n=1) or difflib.get_close_matches(
+        leaf, list(schema), n=1
+    )
+    if hint and not hint[0].startswith(prefix):
+        hint = [f"{prefix}.{hint[0]}" if prefix else hint[0]]
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"unknown config key {dotted!r}{suggestion}"

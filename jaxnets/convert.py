@@ -1,0 +1,111 @@
+"""Weight conversion between PyTorch ``state_dict`` names/layouts and Flax NNX parameters.
+
+Everything here works on NumPy arrays and safetensors files, so a JAX-only user converts
+PyTorch weights without installing torch. Layout rules, one function each:
+
+* Linear: torch ``weight`` (out, in) <-> Flax ``kernel`` (in, out): a transpose.
+* ``bias`` is the same on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from jaxnets.errors import ConversionError
+
+
+def linear_torch_to_flax(weight: np.ndarray) -> np.ndarray:
+    """torch.nn.Linear computes x @ W.T with W (out, in); nnx.Linear computes x @ K, K (in, out)."""
+    return np.ascontiguousarray(weight.T)
+
+
+def linear_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(kernel.T)
+
+
+def torch_to_flax(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{"layers.0.weight": (out, in), ...}`` -> ``{"layers.0.kernel": (in, out), ...}``."""
+    out = {}
+    for name, value in tensors.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "weight" and value.ndim == 2:
+            out[f"{prefix}.kernel"] = linear_torch_to_flax(value)
+        elif leaf == "weight":
+            raise ConversionError(f"{name}: no conversion rule for a {value.ndim}-D weight")
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def flax_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`torch_to_flax`."""
+    out = {}
+    for name, value in params.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "kernel" and value.ndim == 2:
+            out[f"{prefix}.weight"] = linear_flax_to_torch(value)
+        elif leaf == "kernel":
+            raise ConversionError(f"{name}: no conversion rule for a {value.ndim}-D kernel")
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def flax_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as ``{"layers.0.kernel": array, ...}``."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, path)): np.asarray(var.get_value()) for path, var in flat}
+
+
+def load_flax_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Set every parameter of ``model`` from ``arrays``, by name.
+
+    Names and shapes must match exactly; otherwise one :class:`ConversionError` lists every
+    missing, unexpected and mis-shaped entry.
+    """
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    expected = {".".join(map(str, path)): (path, var) for path, var in flat}
+    problems = [f"missing {name} {tuple(var.get_value().shape)}"
+                for name, (_, var) in expected.items() if name not in arrays]
+    problems += [f"unexpected {name} {tuple(np.shape(arrays[name]))}"
+                 for name in arrays if name not in expected]
+    for name, (_, var) in expected.items():
+        if name in arrays and tuple(np.shape(arrays[name])) != tuple(var.get_value().shape):
+            problems.append(f"shape of {name}: model {tuple(var.get_value().shape)}, "
+                            f"weights {tuple(np.shape(arrays[name]))}")
+    if problems:
+        raise ConversionError(
+            f"weights do not match {type(model).__name__} ({len(problems)} problems): "
+            + "; ".join(problems)
+        )
+    updated = [(path, var.replace(jnp.asarray(arrays[name], dtype=var.get_value().dtype)))
+               for name, (path, var) in expected.items()]
+    nnx.update(model, nnx.from_flat_state(updated))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_torch_weights(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Load a PyTorch ``state_dict`` saved as safetensors into a Flax model."""
+    load_flax_params(model, torch_to_flax(read_safetensors(path)))

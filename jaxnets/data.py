@@ -1,0 +1,323 @@
+"""Datasets as NumPy arrays, framework-neutral: MNIST, Fashion-MNIST and the generated toys.
+
+Where the images come from, in order:
+
+1. an explicit directory of IDX files (``--data-dir`` or ``$JAXNETS_DATA_DIR``);
+2. a TFDS copy already prepared on this machine (``tfds.data_source``: no TensorFlow needed);
+3. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist/``;
+4. a TFDS download, when the network answers.
+
+Each epoch's batch order is made here, once, with NumPy (:func:`epoch_batches`), and the same
+index batches are fed to both frameworks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxnets.errors import DataError
+
+IMAGE_DATASETS = ("mnist", "fashion_mnist")
+GENERATED_DATASETS = ("spiral", "cubic")
+DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass
+class Dataset:
+    """Raw arrays. Images: ``x`` uint8 (N, 28, 28), ``y`` int64 (N,). Toys: float32 (N, D)."""
+
+    name: str
+    source: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    valid_x: np.ndarray | None = None
+    valid_y: np.ndarray | None = None
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_x)
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (gzip-compressed or plain) into an array, checking its header.
+
+    Every problem is a :class:`DataError` naming the file: not gzip, corrupt gzip, bad magic
+    number, a truncated or over-long payload.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+    if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
+        if raw[:2] != b"\x1f\x8b":
+            raise DataError(f"{path}: not a gzip file (it does not start with the gzip magic "
+                            f"1f 8b)")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or type_code not in _IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(
+            f"{path}: wrong magic number 0x{raw[:4].hex()} (an IDX file starts with 00 00, a type "
+            f"byte 08-0e and a dimension count 1-4; images are 0x00000803, labels 0x00000801)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes, {header} needed)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    payload = len(raw) - header
+    if payload != expected:
+        kind = "truncated" if payload < expected else "too long"
+        raise DataError(
+            f"{path}: {kind} payload: the header promises shape {tuple(shape)} "
+            f"({expected} bytes) but the file holds {payload} bytes"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{directory}: missing {stem}.gz (or {stem}); an IDX dataset directory holds "
+                    f"{', '.join(f'{s}.gz' for pair in IDX_FILES.values() for s in pair)}")
+
+
+def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike):
+    """Images (N, 28, 28) uint8 and labels (N,) int64, with their counts and sizes checked."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected unsigned-byte images of shape (N, rows, cols), "
+                        f"got {images.dtype} {images.shape}")
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
+                        f"expected 28x28")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected a 1-D label file, got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"image and label counts disagree: {images_path} holds {len(images)} "
+                        f"images but {labels_path} holds {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0-9")
+    return images, labels.astype(np.int64)
+
+
+def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"data directory {directory} does not exist")
+    arrays = {}
+    for split, (images, labels) in IDX_FILES.items():
+        arrays[split] = load_idx_pair(_find_idx(directory, images), _find_idx(directory, labels))
+    return Dataset(name, f"IDX files in {directory}", *arrays["train"], *arrays["test"])
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_arrays(name: str, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow_datasets as tfds  # imported lazily: only this path needs it
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # "no dataset_info.json" is our cue, not news
+
+    source = tfds.data_source(name, split=split, download=download,
+                              builder_kwargs={"file_format": "array_record"})
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28) for r in records])
+    labels = np.asarray([int(r["label"]) for r in records], np.int64)
+    return images, labels
+
+
+def load_tfds(name: str, download: bool) -> Dataset:
+    train, test = (_tfds_arrays(name, split, download) for split in ("train", "test"))
+    return Dataset(name, f"tensorflow-datasets '{name}'", *train, *test)
+
+
+def _network_answers(host: str = "storage.googleapis.com", timeout: float = 3.0) -> bool:
+    """TFDS retries a failed download for minutes; ask the network once, quickly, first."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _how_to_get(name: str) -> str:
+    debian = "  * sudo apt-get install dataset-fashion-mnist  (Debian/Ubuntu; used automatically)\n"
+    return (
+        f"no source of the {name!r} dataset worked. Any one of these fixes it:\n"
+        + (debian if name == "fashion_mnist" else "")
+        + f"  * on a machine with network: python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.data_source('{name}', builder_kwargs={{'file_format': 'array_record'}})\"\n"
+        f"  * put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and pass "
+        f"--data-dir DIR or set JAXNETS_DATA_DIR=DIR"
+    )
+
+
+def load_images(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load MNIST or Fashion-MNIST from the first source that works (see the module docstring)."""
+    if name not in IMAGE_DATASETS:
+        raise DataError(f"unknown image dataset {name!r}; choose one of "
+                        f"{', '.join(IMAGE_DATASETS)}")
+    explicit = data_dir or os.environ.get("JAXNETS_DATA_DIR")
+    if explicit:  # the user said where: use it or fail, never silently load something else
+        return load_idx_dir(explicit, name)
+    tried = []
+    try:
+        return load_tfds(name, download=False)
+    except DataError:
+        raise
+    except Exception as exc:  # TFDS raises many types for "not prepared here"
+        tried.append(f"TFDS (not prepared here: {type(exc).__name__})")
+    debian = DEBIAN_DIRS.get(name)
+    if debian is not None and debian.is_dir():
+        return load_idx_dir(debian, name)
+    if os.environ.get("JAXNETS_OFFLINE") != "1" and _network_answers():
+        try:
+            return load_tfds(name, download=True)
+        except Exception as exc:
+            tried.append(f"TFDS download ({type(exc).__name__}: {exc})")
+    raise DataError(_how_to_get(name))
+
+
+# ----------------------------------------------------------------------------- generated data
+
+
+def make_spiral(points_per_class: int = 1000, classes: int = 3, seed: int = 12345,
+                noise: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """The course's spiral: x (classes * N, 2) float32, y (classes * N,) int64.
+
+    For class c: t = linspace(0, 1, N), angle = linspace(2 pi c / C, 2 pi (2 + c) / C, N)
+    + noise * standard normal, point = t * (sin(angle), cos(angle)). The course draws the noise
+    with torch.randn; here it is NumPy's default generator, so the points differ, the law does not.
+    """
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in range(classes):
+        t = np.linspace(0.0, 1.0, points_per_class)
+        angle = np.linspace(2 * np.pi * c / classes, 2 * np.pi * (2 + c) / classes,
+                            points_per_class) + noise * rng.standard_normal(points_per_class)
+        xs.append(np.stack([t * np.sin(angle), t * np.cos(angle)], axis=1))
+        ys.append(np.full(points_per_class, c, np.int64))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def make_cubic(points: int = 100, seed: int = 12345) -> tuple[np.ndarray, np.ndarray]:
+    """The course's 1-D regression: x = linspace(-1, 1) (N, 1), y = x^3 + 0.3 U(0, 1) (N, 1)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-1.0, 1.0, points)[:, None]
+    y = x**3 + 0.3 * rng.random((points, 1))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+_GENERATORS = {"spiral": make_spiral, "cubic": make_cubic}
+
+
+def load_generated(name: str, seed: int) -> Dataset:
+    """Training set from ``seed``; the evaluation set is a fresh draw with ``seed + 1``."""
+    make = _GENERATORS[name]
+    return Dataset(name, f"generated ({name}, seeds {seed} and {seed + 1})",
+                   *make(seed=seed), *make(seed=seed + 1))
+
+
+# ----------------------------------------------------------------------------- splits, batches
+
+
+def load_dataset(data_cfg: dict[str, Any], seed: int = 12345) -> Dataset:
+    """The dataset a config's ``[data]`` table names, with its train limit and valid split."""
+    name = data_cfg["dataset"]
+    if name in GENERATED_DATASETS:
+        ds = load_generated(name, seed)
+    else:
+        ds = load_images(name, data_cfg.get("data_dir") or None)
+    valid = data_cfg.get("valid_size", 0)
+    if valid:
+        if valid >= ds.num_train:
+            raise DataError(f"data.valid_size = {valid} leaves no training data "
+                            f"({ds.num_train} training examples)")
+        ds.valid_x, ds.valid_y = ds.train_x[-valid:], ds.train_y[-valid:]
+        ds.train_x, ds.train_y = ds.train_x[:-valid], ds.train_y[:-valid]
+    limit = data_cfg.get("train_limit", 0)
+    if limit:
+        ds.train_x, ds.train_y = ds.train_x[:limit], ds.train_y[:limit]
+    return ds
+
+
+def preprocess(x: np.ndarray, data_cfg: dict[str, Any], layout: str) -> np.ndarray:
+    """Raw examples -> float32 model inputs.
+
+    ``layout``: ``"flat"`` (N, 784); ``"nhwc"`` (N, 28, 28, 1) for Flax; ``"nchw"`` (N, 1, 28, 28)
+    for PyTorch. Generated data is already float and only cast.
+    """
+    if x.dtype != np.uint8:
+        out = x.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise DataError("input data holds NaN or Inf values")
+        return out
+    out = x.astype(np.float32)
+    if data_cfg["preprocess"] in ("scale", "normalize"):
+        out = out / np.float32(255.0)
+    if data_cfg["preprocess"] == "normalize":
+        out = (out - np.float32(data_cfg["mean"])) / np.float32(data_cfg["std"])
+    if layout == "flat":
+        return out.reshape(len(out), -1)
+    if layout == "nhwc":
+        return out[..., None]
+    if layout == "nchw":
+        return out[:, None]
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """One epoch's order as index batches: ``full`` (num_full, batch_size) and the remainder.
+
+    Made once with NumPy from ``(seed, epoch)`` and fed to both frameworks. Like PyTorch's
+    DataLoader (``drop_last=False``), the last, smaller batch is kept: ``rest`` holds it, or is
+    None when ``batch_size`` divides ``num_examples``.
+    """
+    order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
+             else np.arange(num_examples))
+    num_full = num_examples // batch_size
+    full = order[: num_full * batch_size].reshape(num_full, batch_size)
+    rest = order[num_full * batch_size:]
+    return full, (rest if len(rest) else None)
+
+
+def prepare_targets(y: np.ndarray, loss: str) -> np.ndarray:
+    """Labels as each loss wants them: integer classes for cross-entropy; float32 values for
+    MSE (an integer label becomes the digit's value, the Paddle notes' regression of a digit)."""
+    if loss == "cross_entropy":
+        return y.astype(np.int64)
+    out = y.astype(np.float32)
+    return out[:, None] if out.ndim == 1 else out

@@ -1,0 +1,41 @@
+"""Train one framework for a config's epochs: a table row per epoch, a JSON-lines log, a report
+and the final weights (safetensors) in the output directory. Works with ``jaxnets.train.Trainer``
+and ``torchref.train.Trainer`` alike."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jaxnets.convert import write_safetensors
+from jaxnets.report import single_header, single_row, write_json
+
+
+def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
+        echo: Callable[[str], None] = print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    echo(f"{cfg['name']} in {trainer.framework}: {trainer.num_train} training examples, "
+         f"{cfg['train']['epochs']} epochs")
+    echo(single_header())
+    epochs = []
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as log:
+        for epoch in range(cfg["train"]["epochs"]):
+            stats = trainer.train_epoch(epoch, progress)
+            stats.test_loss, stats.test_accuracy = trainer.evaluate()
+            row = {"epoch": epoch + 1, "framework": trainer.framework, **stats.as_dict()}
+            epochs.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            echo(single_row(epoch + 1, stats))
+    weights = out / f"weights_{trainer.framework}.safetensors"
+    write_safetensors(trainer.weights(), weights)
+    report = {"config": cfg, "framework": trainer.framework, "epochs": epochs,
+              "final": {"test_accuracy": epochs[-1]["test_accuracy"],
+                        "test_loss": epochs[-1]["test_loss"],
+                        "train_seconds": sum(e["seconds"] for e in epochs)},
+              "weights": str(weights)}
+    write_json(out / "report.json", report)
+    echo(f"weights: {weights}; report: {out / 'report.json'}")
+    return report

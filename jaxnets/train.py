@@ -1,0 +1,180 @@
+"""Training in JAX: grad + Optax update + metrics in one jitted step; an epoch is one jitted
+``lax.scan`` over its index batches, with the whole (preprocessed) dataset already on the device.
+
+:class:`Trainer` has a twin in ``torchref.train`` with the same methods, so the runner and the
+side-by-side comparison drive either one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxnets.convert import flax_params, load_flax_params
+from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
+from jaxnets.losses import LOSSES, num_correct
+from jaxnets.models import build_model
+from jaxnets.report import EpochStats
+
+
+def make_optimizer(opt_cfg: dict[str, Any]) -> optax.GradientTransformation:
+    """torch.optim.SGD / Adam in Optax. Weight decay is *coupled*, as torch's: ``wd * param`` is
+    added to the gradient before the optimizer sees it (not AdamW's decoupled decay)."""
+    lr, wd = opt_cfg["learning_rate"], opt_cfg["weight_decay"]
+    if opt_cfg["name"] == "sgd":
+        # optax.sgd's trace (t = g + m t; p -= lr t) is torch's momentum buffer, dampening 0.
+        base = optax.sgd(lr, momentum=opt_cfg["momentum"] or None)
+    elif opt_cfg["name"] == "adam":
+        base = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.Adam's defaults
+    else:
+        raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")
+    return optax.chain(optax.add_decayed_weights(wd), base) if wd else base
+
+
+class Trainer:
+    """Trains one Flax model on one dataset. ``framework`` names the side in reports."""
+
+    framework = "jax"
+
+    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None):
+        self.cfg = cfg
+        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        self.optimizer = make_optimizer(cfg["optimizer"])
+        graphdef, params = nnx.split(self.model)
+        self.params = params
+        self.opt_state = self.optimizer.init(params)
+        data_cfg, loss = cfg["data"], cfg["train"]["loss"]
+        layout = "flat" if data_cfg["flatten"] else "nhwc"
+        self.train_x = jax.device_put(preprocess(dataset.train_x, data_cfg, layout))
+        self.train_y = jax.device_put(prepare_targets(dataset.train_y, loss))
+        self.test_x = jax.device_put(preprocess(dataset.test_x, data_cfg, layout))
+        self.test_y = jax.device_put(prepare_targets(dataset.test_y, loss))
+        self._bar = None
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0
+        loss_fn = LOSSES[loss]
+
+        def apply(params, x):
+            return nnx.merge(graphdef, params)(x)
+
+        def train_step(carry, batch, tick):
+            params, opt_state = carry
+            x, y = batch
+
+            def objective(p):
+                outputs = apply(p, x)
+                return loss_fn(outputs, y), outputs
+
+            (loss_value, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if tick:
+                jax.debug.callback(self._tick, loss_value)
+            return (params, opt_state), (loss_value, num_correct(outputs, y))
+
+        def train_epoch(params, opt_state, x_all, y_all, index_batches, tick):
+            """index_batches: (num_batches, batch_size) int. Returns per-step losses/corrects."""
+            def body(carry, idx):
+                return train_step(carry, (x_all[idx], y_all[idx]), tick)
+
+            (params, opt_state), (losses, correct) = jax.lax.scan(
+                body, (params, opt_state), index_batches)
+            return params, opt_state, losses, correct
+
+        def eval_batch(params, x, y):
+            outputs = apply(params, x)
+            return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
+
+        self.apply = jax.jit(apply)
+        self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
+        self._eval_batch = jax.jit(eval_batch)
+
+    def _tick(self, loss_value) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if self._bar.n % self.cfg["train"]["log_every"] == 0:
+                self._bar.set_postfix(loss=f"{float(loss_value):.4f}", refresh=False)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
+        """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
+        train = self.cfg["train"]
+        full, rest = epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], epoch,
+                                   train["shuffle"])
+        batches = [b for b in (full, None if rest is None else rest[None]) if b is not None and
+                   len(b)]
+        total = sum(len(b) for b in batches)
+        start = time.perf_counter()
+        compiled_before = self.compile_seconds  # compilation is timed apart, not as training
+        self._bar = tqdm(total=total, desc=f"jax   epoch {epoch}", leave=False,
+                         disable=not progress)
+        losses, correct = [], []
+        try:
+            for index_batches in batches:
+                run = self._compiled_epoch(index_batches.shape, progress)
+                self.params, self.opt_state, step_losses, step_correct = run(
+                    self.params, self.opt_state, self.train_x, self.train_y,
+                    jnp.asarray(index_batches))
+                losses.append(step_losses)
+                correct.append(step_correct)
+            losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
+            correct = np.concatenate([np.asarray(x) for x in correct])
+        finally:
+            self._bar.close()
+            self._bar = None
+        seconds = time.perf_counter() - start - (self.compile_seconds - compiled_before)
+        sizes = np.array([b.shape[1] for b in batches for _ in range(len(b))])
+        return EpochStats(
+            step_losses=losses,
+            loss=float(np.sum(losses.astype(np.float64) * sizes) / sizes.sum()),
+            accuracy=float(correct.sum() / sizes.sum()),
+            seconds=seconds,
+        )
+
+    def _compiled_epoch(self, shape: tuple[int, int], tick: bool):
+        """The epoch function compiled ahead of time for this batch shape; the compilation
+        seconds are added to ``compile_seconds`` instead of to the epoch's training time."""
+        key = (shape, tick)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            index = jax.ShapeDtypeStruct(shape, jnp.int32)
+            self._compiled[key] = self._train_epoch.lower(
+                self.params, self.opt_state, self.train_x, self.train_y, index, tick=tick
+            ).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self._compiled[key]
+
+    def evaluate(self, x: jax.Array | None = None, y: jax.Array | None = None
+                 ) -> tuple[float, float]:
+        """Mean loss and accuracy over the test set (or the given preprocessed arrays)."""
+        x = self.test_x if x is None else x
+        y = self.test_y if y is None else y
+        size = self.cfg["train"]["eval_batch_size"]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), size):
+            batch_loss, batch_correct = self._eval_batch(self.params, x[start:start + size],
+                                                         y[start:start + size])
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+        return loss_sum / len(x), correct / len(x)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Current parameters as ``{"layers.0.kernel": array, ...}`` (Flax names and layouts)."""
+        nnx.update(self.model, self.params)
+        return flax_params(self.model)
+
+    def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the parameters (Flax names and layouts) and restart the optimizer state."""
+        load_flax_params(self.model, arrays)
+        self.params = nnx.state(self.model)
+        self.opt_state = self.optimizer.init(self.params)

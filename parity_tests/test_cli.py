@@ -1,0 +1,56 @@
+"""The command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+REPORT_EPOCH_KEYS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds"}
+
+
+def test_list():
+    result = run_cli("list")
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert "mlp_mnist" in names and "mlp_fashion" in names
+
+
+def test_short_compare_writes_a_complete_report(fashion, tmp_path):
+    out = tmp_path / "D"
+    result = run_cli("compare", "mlp_fashion", "--epochs", "1", "--train-limit", "2000",
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "final test accuracy" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["name"] == "mlp_fashion"
+    assert report["config"]["data"]["train_limit"] == 2000 and report["num_train"] == 2000
+    assert report["dataset"] == "fashion_mnist"
+    assert len(report["epochs"]) == 1
+    for side in ("jax", "torch"):
+        assert set(report["epochs"][0][side]) >= REPORT_EPOCH_KEYS
+    assert report["initial_weights_max_abs_diff"] == 0.0
+    first = report["first_step_loss"]
+    assert abs(first["jax"] - first["torch"]) <= 1e-6
+    assert set(report["final"]) >= {"jax_test_accuracy", "torch_test_accuracy",
+                                    "accuracy_diff_pp"}
+    assert abs(report["final"]["accuracy_diff_pp"]) < 2.0
+    assert (out / "report.md").read_text().startswith("# jaxnets compare: mlp_fashion")
+
+
+def test_train_each_framework(fashion, tmp_path):
+    for framework in ("jax", "torch"):
+        out = tmp_path / framework
+        result = run_cli("train", "mlp_fashion", "--framework", framework, "--epochs", "1",
+                         "--train-limit", "500", "--out", str(out), "--quiet")
+        assert result.returncode == 0, result.stderr
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["framework"] == framework
+        assert (out / f"weights_{framework}.safetensors").stat().st_size > 669706 * 4
+
+
+def test_data_dir_error_is_one_line(tmp_path):
+    result = run_cli("train", "mlp_fashion", "--data-dir", str(tmp_path / "none"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"jaxnets: error: data directory {tmp_path / 'none'} does not exist"]

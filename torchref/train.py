@@ -1,0 +1,104 @@
+"""Training in PyTorch, the idiomatic way (zero_grad, forward, backward, step): the reference.
+
+:class:`Trainer` mirrors ``jaxnets.train.Trainer`` method for method and is fed the same index
+batches (``jaxnets.data.epoch_batches``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
+from jaxnets.report import EpochStats
+from torchref.models import build_model
+
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
+
+
+def num_correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((outputs.argmax(dim=-1) == labels).sum())
+
+
+def make_optimizer(opt_cfg: dict[str, Any], params) -> torch.optim.Optimizer:
+    lr, wd = opt_cfg["learning_rate"], opt_cfg["weight_decay"]
+    if opt_cfg["name"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=opt_cfg["momentum"], weight_decay=wd)
+    if opt_cfg["name"] == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")
+
+
+class Trainer:
+    framework = "torch"
+
+    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nn.Module | None = None):
+        self.cfg = cfg
+        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
+        self.loss_fn = LOSSES[cfg["train"]["loss"]]()
+        data_cfg, loss = cfg["data"], cfg["train"]["loss"]
+        layout = "flat" if data_cfg["flatten"] else "nchw"
+        self.train_x = torch.from_numpy(preprocess(dataset.train_x, data_cfg, layout))
+        self.train_y = torch.from_numpy(prepare_targets(dataset.train_y, loss))
+        self.test_x = torch.from_numpy(preprocess(dataset.test_x, data_cfg, layout))
+        self.test_y = torch.from_numpy(prepare_targets(dataset.test_y, loss))
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_x)
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
+        train = self.cfg["train"]
+        full, rest = epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], epoch,
+                                   train["shuffle"])
+        batches = [*full] + ([rest] if rest is not None else [])
+        losses, correct, sizes = [], 0, []
+        self.model.train()
+        start = time.perf_counter()
+        with tqdm(batches, desc=f"torch epoch {epoch}", leave=False, disable=not progress) as bar:
+            for step, idx in enumerate(bar, 1):
+                index = torch.from_numpy(idx)
+                x, y = self.train_x[index], self.train_y[index]
+                self.optimizer.zero_grad()
+                outputs = self.model(x)
+                loss = self.loss_fn(outputs, y)
+                loss.backward()
+                self.optimizer.step()
+                losses.append(loss.item())
+                correct += num_correct(outputs.detach(), y)
+                sizes.append(len(idx))
+                if step % train["log_every"] == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        seconds = time.perf_counter() - start
+        sizes = np.asarray(sizes)
+        step_losses = np.asarray(losses, np.float32)
+        return EpochStats(
+            step_losses=step_losses,
+            loss=float(np.sum(step_losses.astype(np.float64) * sizes) / sizes.sum()),
+            accuracy=correct / sizes.sum(),
+            seconds=seconds,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None
+                 ) -> tuple[float, float]:
+        x = self.test_x if x is None else x
+        y = self.test_y if y is None else y
+        size = self.cfg["train"]["eval_batch_size"]
+        self.model.eval()
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(x), size):
+            outputs = self.model(x[start:start + size])
+            loss_sum += float(self.loss_fn(outputs, y[start:start + size])) * len(outputs)
+            correct += num_correct(outputs, y[start:start + size])
+        return loss_sum / len(x), correct / len(x)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """``state_dict`` as NumPy arrays (PyTorch names and layouts)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}

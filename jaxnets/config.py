@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
         "train_limit": 0,
         # Directory with the four IDX files ("": JAXNETS_DATA_DIR, TFDS, then Debian's package).
         "data_dir": "",
+        # Seed of the generated datasets (spiral, cubic); their evaluation set uses seed + 1.
+        "seed": 12345,
     },
     "model": {
         "name": "MLP",
@@ -46,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "out_features": 10,
         "activation": "relu",
         "init": "torch",
+        # Standard deviation of the "normal" init (d2l: N(0, 0.01^2) weights).
+        "init_std": 0.01,
     },
     "optimizer": {
         "name": "adam",
@@ -62,17 +66,25 @@ DEFAULTS: dict[str, Any] = {
         # Print the running loss every N steps (the sources' "loss printed every 100 steps").
         "log_every": 100,
         "eval_batch_size": 1000,
+        # Evaluate (and print a table row) every N epochs, and after the last.
+        "eval_every": 1,
+        # "accuracy": argmax == label; "rounded_accuracy": round(prediction) == label, for a
+        # regression of the digit value; "none": regression without classes.
+        "metric": "accuracy",
+        # Train this many differently seeded models (seed, seed + 1, ...), as an ensemble.
+        "ensemble": 1,
     },
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("mnist", "fashion_mnist", "spiral", "cubic"),
     "data.preprocess": ("scale", "normalize", "none"),
-    "model.name": ("MLP",),
+    "model.name": ("MLP", "LeNet", "SimpleNet", "ConvNet"),
     "model.activation": ("relu", "sigmoid", "tanh", "none"),
-    "model.init": ("torch", "flax"),
+    "model.init": ("torch", "flax", "normal"),
     "optimizer.name": ("sgd", "adam"),
     "train.loss": ("cross_entropy", "mse"),
+    "train.metric": ("accuracy", "rounded_accuracy", "none"),
 }
 
 # (lower bound, inclusive?) per numeric key.
@@ -84,6 +96,9 @@ RANGES: dict[str, tuple[float, bool]] = {
     "train.epochs": (1, True),
     "train.log_every": (1, True),
     "train.eval_batch_size": (1, True),
+    "train.eval_every": (1, True),
+    "train.ensemble": (1, True),
+    "model.init_std": (0.0, False),
     "data.valid_size": (0, True),
     "data.train_limit": (0, True),
     "data.std": (0.0, False),

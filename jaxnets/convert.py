@@ -4,7 +4,10 @@ Everything here works on NumPy arrays and safetensors files, so a JAX-only user 
 PyTorch weights without installing torch. Layout rules, one function each:
 
 * Linear: torch ``weight`` (out, in) <-> Flax ``kernel`` (in, out): a transpose.
+* Conv2d: torch ``weight`` OIHW (out, in, kh, kw) <-> Flax ``kernel`` HWIO (kh, kw, in, out).
 * ``bias`` is the same on both sides.
+* Flatten order (CHW vs HWC) needs no rule here: the Flax models flatten in PyTorch's order
+  (``jaxnets.models.flatten_chw``), so the first Linear after a conv stack is a plain transpose.
 """
 
 from __future__ import annotations
@@ -30,32 +33,47 @@ def linear_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(kernel.T)
 
 
-def torch_to_flax(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{"layers.0.weight": (out, in), ...}`` -> ``{"layers.0.kernel": (in, out), ...}``."""
-    out = {}
+def conv_torch_to_flax(weight: np.ndarray) -> np.ndarray:
+    """torch.nn.Conv2d keeps its kernel OIHW; nnx.Conv (lax.conv with NHWC inputs) HWIO."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+
+
+def conv_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+
+
+_TO_FLAX = {2: linear_torch_to_flax, 4: conv_torch_to_flax}
+_TO_TORCH = {2: linear_flax_to_torch, 4: conv_flax_to_torch}
+
+
+def _rename(tensors: Mapping[str, np.ndarray], old: str, new: str, rules: dict) -> dict:
+    out, problems = {}, []
     for name, value in tensors.items():
+        value = np.asarray(value)
         prefix, _, leaf = name.rpartition(".")
-        if leaf == "weight" and value.ndim == 2:
-            out[f"{prefix}.kernel"] = linear_torch_to_flax(value)
-        elif leaf == "weight":
-            raise ConversionError(f"{name}: no conversion rule for a {value.ndim}-D weight")
+        if leaf == new or (leaf == old and value.ndim not in rules):
+            problems.append(f"{name} {value.shape}")
+        elif leaf == old:
+            out[f"{prefix}.{new}" if prefix else new] = rules[value.ndim](value)
         else:
-            out[name] = np.asarray(value)
+            out[name] = value
+    if problems:
+        raise ConversionError(
+            f"no '{old}' -> '{new}' conversion for: {'; '.join(problems)} (expected {old}s with "
+            f"2 (Linear) or 4 (Conv2d) dimensions and no {new}s: are the weights from the other "
+            f"framework?)")
     return out
+
+
+def torch_to_flax(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{"fc.weight": (out, in), "conv1.weight": OIHW, ...}`` ->
+    ``{"fc.kernel": (in, out), "conv1.kernel": HWIO, ...}``; biases unchanged."""
+    return _rename(tensors, "weight", "kernel", _TO_FLAX)
 
 
 def flax_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of :func:`torch_to_flax`."""
-    out = {}
-    for name, value in params.items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf == "kernel" and value.ndim == 2:
-            out[f"{prefix}.weight"] = linear_flax_to_torch(value)
-        elif leaf == "kernel":
-            raise ConversionError(f"{name}: no conversion rule for a {value.ndim}-D kernel")
-        else:
-            out[name] = np.asarray(value)
-    return out
+    return _rename(params, "kernel", "weight", _TO_TORCH)
 
 
 def flax_params(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -254,10 +254,12 @@ def load_generated(name: str, seed: int) -> Dataset:
 
 
 def load_dataset(data_cfg: dict[str, Any], seed: int = 12345) -> Dataset:
-    """The dataset a config's ``[data]`` table names, with its train limit and valid split."""
+    """The dataset a config's ``[data]`` table names, with its train limit and valid split.
+
+    ``seed``: the generated datasets' seed when ``data_cfg`` has none."""
     name = data_cfg["dataset"]
     if name in GENERATED_DATASETS:
-        ds = load_generated(name, seed)
+        ds = load_generated(name, data_cfg.get("seed", seed))
     else:
         ds = load_images(name, data_cfg.get("data_dir") or None)
     valid = data_cfg.get("valid_size", 0)

@@ -22,4 +22,14 @@ def num_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
 
+def num_rounded_correct(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """How many regressed values round to the target (a digit regressed as a float)."""
+    return jnp.sum(jnp.round(predictions.reshape(-1)) == targets.reshape(-1))
+
+
+def no_metric(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
 LOSSES = {"cross_entropy": cross_entropy, "mse": mse}
+METRICS = {"accuracy": num_correct, "rounded_accuracy": num_rounded_correct, "none": no_metric}

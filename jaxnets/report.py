@@ -18,10 +18,10 @@ class EpochStats:
 
     step_losses: np.ndarray
     loss: float
-    accuracy: float
+    accuracy: float | None  # None where the config's metric is "none"
     seconds: float
-    test_loss: float = math.nan
-    test_accuracy: float = math.nan
+    test_loss: float | None = None  # None: not evaluated after this epoch (eval_every)
+    test_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
@@ -32,6 +32,45 @@ class EpochStats:
             "test_accuracy": self.test_accuracy,
             "seconds": self.seconds,
         }
+
+
+def eval_blocks(epochs: int, every: int) -> list[range]:
+    """Epoch indices in blocks of ``every``, evaluated at each block's end: (10, 4) ->
+    [range(0, 4), range(4, 8), range(8, 10)]."""
+    return [range(start, min(start + every, epochs)) for start in range(0, epochs, every)]
+
+
+def describe(epochs: range) -> str:
+    """``range(4, 5)`` -> "epoch 5"; ``range(0, 100)`` -> "epochs 1-100" (1-based, as shown)."""
+    if len(epochs) == 1:
+        return f"epoch {epochs.start + 1}"
+    return f"epochs {epochs.start + 1}-{epochs.stop}"
+
+
+def split_epochs(step_losses: np.ndarray, step_correct: np.ndarray,
+                 plan: list[tuple[np.ndarray, np.ndarray | None]], seconds: float,
+                 metric: str) -> list[EpochStats]:
+    """Per-step results of consecutive epochs -> one :class:`EpochStats` per epoch.
+
+    ``plan``: each epoch's ``(full, rest)`` index batches (``jaxnets.data.epoch_batches``).
+    The epoch's loss and accuracy are averaged over examples; the seconds are shared out in
+    proportion to the steps.
+    """
+    stats, offset = [], 0
+    total_steps = sum(len(full) + (rest is not None) for full, rest in plan)
+    for full, rest in plan:
+        sizes = np.array([full.shape[1]] * len(full) + ([len(rest)] if rest is not None else []))
+        steps = len(sizes)
+        losses = np.asarray(step_losses[offset:offset + steps], np.float32)
+        correct = np.asarray(step_correct[offset:offset + steps])
+        offset += steps
+        stats.append(EpochStats(
+            step_losses=losses,
+            loss=float(np.sum(losses.astype(np.float64) * sizes) / sizes.sum()),
+            accuracy=None if metric == "none" else float(correct.sum() / sizes.sum()),
+            seconds=seconds * steps / total_steps,
+        ))
+    return stats
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -50,8 +89,12 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def pct(value: float) -> str:
-    return "   -  " if math.isnan(value) else f"{100 * value:6.2f}"
+def num(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
 
 
 def single_header() -> str:
@@ -60,7 +103,7 @@ def single_header() -> str:
 
 
 def single_row(epoch: int, s: EpochStats) -> str:
-    return (f"{epoch:>5} | {s.loss:>10.4f} {pct(s.accuracy):>9} | {s.test_loss:>9.4f} "
+    return (f"{epoch:>5} | {s.loss:>10.4f} {pct(s.accuracy):>9} | {num(s.test_loss, 9)} "
             f"{pct(s.test_accuracy):>8} | {s.seconds:>7.1f}")
 
 
@@ -72,11 +115,14 @@ def compare_header() -> str:
     return f"{top}\n{sub}\n{'-' * len(sub)}"
 
 
-def compare_row(epoch: int, j: EpochStats, t: EpochStats, step_diff: float) -> str:
+def compare_row(epoch: int, j: EpochStats, t: EpochStats, step_diff: float,
+                jax_seconds: float, torch_seconds: float) -> str:
+    """A row of the side-by-side table: epoch ``epoch``'s metrics, the seconds and the largest
+    per-step loss difference of the block of epochs that ends there."""
     return (f"{epoch:>5} | {j.loss:>9.4f} {t.loss:>9.4f} | {pct(j.accuracy):>7} "
-            f"{pct(t.accuracy):>7} | {j.test_loss:>9.4f} {t.test_loss:>9.4f} | "
-            f"{pct(j.test_accuracy):>7} {pct(t.test_accuracy):>7} | {j.seconds:>6.1f} "
-            f"{t.seconds:>6.1f} | {step_diff:>9.2e}")
+            f"{pct(t.accuracy):>7} | {num(j.test_loss, 9)} {num(t.test_loss, 9)} | "
+            f"{pct(j.test_accuracy):>7} {pct(t.test_accuracy):>7} | {jax_seconds:>6.1f} "
+            f"{torch_seconds:>6.1f} | {step_diff:>9.2e}")
 
 
 def compare_markdown(report: dict[str, Any]) -> str:
@@ -93,22 +139,29 @@ def compare_markdown(report: dict[str, Any]) -> str:
         f"- first step loss: jax {first['jax']:.8f}, torch {first['torch']:.8f} "
         f"(difference {abs(first['jax'] - first['torch']):.3g})",
         "",
-        "| epoch | train loss jax | train loss torch | test acc jax % | test acc torch % "
-        "| seconds jax | seconds torch | max step-loss diff |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| epoch | train loss jax | train loss torch | test loss jax | test loss torch "
+        "| test acc jax % | test acc torch % | seconds jax | seconds torch | max step-loss diff |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in report["epochs"]:
         j, t = e["jax"], e["torch"]
+        if j["test_loss"] is None:
+            continue  # epochs inside an evaluation block: shown at the block's end
         lines.append(
             f"| {e['epoch']} | {j['train_loss']:.4f} | {t['train_loss']:.4f} | "
-            f"{100 * j['test_accuracy']:.2f} | {100 * t['test_accuracy']:.2f} | "
-            f"{j['seconds']:.1f} | {t['seconds']:.1f} | {e['step_loss_max_abs_diff']:.2e} |"
+            f"{j['test_loss']:.4f} | {t['test_loss']:.4f} | {pct(j['test_accuracy'])} | "
+            f"{pct(t['test_accuracy'])} | {j['seconds']:.2f} | {t['seconds']:.2f} | "
+            f"{e['step_loss_max_abs_diff']:.2e} |"
         )
+    accuracy = (
+        f"Final test accuracy: jax {pct(final['jax_test_accuracy']).strip()} %, torch "
+        f"{pct(final['torch_test_accuracy']).strip()} % (difference "
+        f"{final['accuracy_diff_pp']:+.2f} percentage points). "
+        if final["jax_test_accuracy"] is not None else "")
     lines += [
         "",
-        f"Final test accuracy: jax {100 * final['jax_test_accuracy']:.2f} %, torch "
-        f"{100 * final['torch_test_accuracy']:.2f} % (difference "
-        f"{final['accuracy_diff_pp']:+.2f} percentage points). Training time: jax "
+        f"{accuracy}Final test loss: jax {final['jax_test_loss']:.6f}, torch "
+        f"{final['torch_test_loss']:.6f}. Training time: jax "
         f"{final['jax_train_seconds']:.1f} s, torch {final['torch_train_seconds']:.1f} s (JAX "
         f"compilation, {final['jax_compile_seconds']:.1f} s, is timed apart). Final weights differ "
         f"by at most {final['final_weights_max_abs_diff']:.3g}.",

@@ -1,6 +1,6 @@
-"""Train one framework for a config's epochs: a table row per epoch, a JSON-lines log, a report
-and the final weights (safetensors) in the output directory. Works with ``jaxnets.train.Trainer``
-and ``torchref.train.Trainer`` alike."""
+"""Train one framework for a config's epochs: a table row per evaluation, a JSON-lines log, a
+report and the final weights (safetensors) in the output directory. Works with
+``jaxnets.train.Trainer`` and ``torchref.train.Trainer`` alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxnets.convert import write_safetensors
-from jaxnets.report import single_header, single_row, write_json
+from jaxnets.report import eval_blocks, single_header, single_row, write_json
 
 
 def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
@@ -21,14 +21,15 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
     echo(single_header())
     epochs = []
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as log:
-        for epoch in range(cfg["train"]["epochs"]):
-            stats = trainer.train_epoch(epoch, progress)
-            stats.test_loss, stats.test_accuracy = trainer.evaluate()
-            row = {"epoch": epoch + 1, "framework": trainer.framework, **stats.as_dict()}
-            epochs.append(row)
-            log.write(json.dumps(row) + "\n")
+        for block in eval_blocks(cfg["train"]["epochs"], cfg["train"]["eval_every"]):
+            stats = trainer.train_epochs(block, progress)
+            stats[-1].test_loss, stats[-1].test_accuracy = trainer.evaluate()
+            for epoch, s in zip(block, stats, strict=True):
+                row = {"epoch": epoch + 1, "framework": trainer.framework, **s.as_dict()}
+                epochs.append(row)
+                log.write(json.dumps(row) + "\n")
             log.flush()
-            echo(single_row(epoch + 1, stats))
+            echo(single_row(block.stop, stats[-1]))
     weights = out / f"weights_{trainer.framework}.safetensors"
     write_safetensors(trainer.weights(), weights)
     report = {"config": cfg, "framework": trainer.framework, "epochs": epochs,

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from jaxnets.convert import flax_params, load_flax_params
 from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
-from jaxnets.losses import LOSSES, num_correct
+from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
-from jaxnets.report import EpochStats
+from jaxnets.report import EpochStats, describe, split_epochs
 
 
 def make_optimizer(opt_cfg: dict[str, Any]) -> optax.GradientTransformation:
@@ -60,6 +60,7 @@ class Trainer:
         self._compiled: dict = {}
         self.compile_seconds = 0.0
         loss_fn = LOSSES[loss]
+        num_correct = METRICS[cfg["train"]["metric"]]
 
         def apply(params, x):
             return nnx.merge(graphdef, params)(x)
@@ -108,19 +109,25 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
         """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
-        train = self.cfg["train"]
-        full, rest = epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], epoch,
-                                   train["shuffle"])
-        batches = [b for b in (full, None if rest is None else rest[None]) if b is not None and
-                   len(b)]
-        total = sum(len(b) for b in batches)
+        return self.train_epochs(range(epoch, epoch + 1), progress)[0]
+
+    def train_epochs(self, epochs: range, progress: bool = True) -> list[EpochStats]:
+        """Consecutive epochs; when no epoch has a smaller last batch, all of them run as one
+        scan (the toys' 1000 full-batch steps take a few calls, not 1000)."""
+        plan = [epoch_batches(self.num_train, self.cfg["train"]["batch_size"], self.cfg["seed"],
+                              e, self.cfg["train"]["shuffle"]) for e in epochs]
+        if all(rest is None for _, rest in plan):
+            chunks = [np.concatenate([full for full, _ in plan])]
+        else:
+            chunks = [c for full, rest in plan for c in (full, None if rest is None else rest[None])
+                      if c is not None and len(c)]
         start = time.perf_counter()
         compiled_before = self.compile_seconds  # compilation is timed apart, not as training
-        self._bar = tqdm(total=total, desc=f"jax   epoch {epoch}", leave=False,
-                         disable=not progress)
+        self._bar = tqdm(total=sum(len(c) for c in chunks), desc=f"jax   {describe(epochs)}",
+                         leave=False, disable=not progress)
         losses, correct = [], []
         try:
-            for index_batches in batches:
+            for index_batches in chunks:
                 run = self._compiled_epoch(index_batches.shape, progress)
                 self.params, self.opt_state, step_losses, step_correct = run(
                     self.params, self.opt_state, self.train_x, self.train_y,
@@ -133,13 +140,7 @@ class Trainer:
             self._bar.close()
             self._bar = None
         seconds = time.perf_counter() - start - (self.compile_seconds - compiled_before)
-        sizes = np.array([b.shape[1] for b in batches for _ in range(len(b))])
-        return EpochStats(
-            step_losses=losses,
-            loss=float(np.sum(losses.astype(np.float64) * sizes) / sizes.sum()),
-            accuracy=float(correct.sum() / sizes.sum()),
-            seconds=seconds,
-        )
+        return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
 
     def _compiled_epoch(self, shape: tuple[int, int], tick: bool):
         """The epoch function compiled ahead of time for this batch shape; the compilation
@@ -155,8 +156,9 @@ class Trainer:
         return self._compiled[key]
 
     def evaluate(self, x: jax.Array | None = None, y: jax.Array | None = None
-                 ) -> tuple[float, float]:
-        """Mean loss and accuracy over the test set (or the given preprocessed arrays)."""
+                 ) -> tuple[float, float | None]:
+        """Mean loss and accuracy (None for metric "none") over the test set, or over the
+        given preprocessed arrays."""
         x = self.test_x if x is None else x
         y = self.test_y if y is None else y
         size = self.cfg["train"]["eval_batch_size"]
@@ -166,7 +168,8 @@ class Trainer:
                                                          y[start:start + size])
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
-        return loss_sum / len(x), correct / len(x)
+        accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
+        return loss_sum / len(x), accuracy
 
     def weights(self) -> dict[str, np.ndarray]:
         """Current parameters as ``{"layers.0.kernel": array, ...}`` (Flax names and layouts)."""

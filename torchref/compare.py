@@ -1,12 +1,14 @@
 """The side-by-side run: both frameworks from the same initial weights on the same batches.
 
 PyTorch initialises the model; its ``state_dict`` goes through a safetensors file into the
-Flax model (``jaxnets.convert``); then each epoch runs in JAX and in PyTorch on the index
-batches ``jaxnets.data.epoch_batches`` made once, and a table row compares them.
+Flax model (``jaxnets.convert``); then each block of epochs runs in JAX and in PyTorch on the
+index batches ``jaxnets.data.epoch_batches`` made once, and a table row compares them. An
+ensemble config repeats this for each member (seeds ``seed``, ``seed + 1``, ...).
 """
 
 from __future__ import annotations
 
+import copy
 import platform
 import sys
 from collections.abc import Callable
@@ -19,8 +21,14 @@ import torch
 
 import jaxnets
 from jaxnets import convert
-from jaxnets.data import load_dataset
-from jaxnets.report import compare_header, compare_markdown, compare_row, write_json
+from jaxnets.data import Dataset, load_dataset
+from jaxnets.report import (
+    compare_header,
+    compare_markdown,
+    compare_row,
+    eval_blocks,
+    write_json,
+)
 from jaxnets.train import Trainer as JaxTrainer
 from torchref.train import Trainer as TorchTrainer
 
@@ -39,62 +47,125 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
 
 
+def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
+    return None if a is None or b is None else scale * (a - b)
+
+
+def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: bool,
+                   echo: Callable[[str], None]) -> dict[str, Any]:
+    """One model trained side by side; returns its part of the report."""
+    torch_side = TorchTrainer(cfg, dataset)
+    jax_side = JaxTrainer(cfg, dataset)
+
+    # Identical start: torch's initial weights -> safetensors -> the Flax model.
+    initial = out / f"initial_weights_torch_seed{cfg['seed']}.safetensors"
+    convert.write_safetensors(torch_side.weights(), initial)
+    jax_side.load_weights(convert.torch_to_flax(convert.read_safetensors(initial)))
+    init_diff = max_abs_diff(torch_side.weights(), convert.flax_to_torch(jax_side.weights()))
+
+    echo(compare_header())
+    epochs, first_step = [], None
+    for block in eval_blocks(cfg["train"]["epochs"], cfg["train"]["eval_every"]):
+        jax_stats = jax_side.train_epochs(block, progress)
+        torch_stats = torch_side.train_epochs(block, progress)
+        for j, t in ((jax_side, jax_stats[-1]), (torch_side, torch_stats[-1])):
+            t.test_loss, t.test_accuracy = j.evaluate()
+        if first_step is None:
+            first_step = {"jax": float(jax_stats[0].step_losses[0]),
+                          "torch": float(torch_stats[0].step_losses[0])}
+        for epoch, j, t in zip(block, jax_stats, torch_stats, strict=True):
+            step_diff = float(np.max(np.abs(j.step_losses - t.step_losses)))
+            epochs.append({"epoch": epoch + 1, "jax": j.as_dict(), "torch": t.as_dict(),
+                           "step_loss_max_abs_diff": step_diff})
+        block_diff = max(e["step_loss_max_abs_diff"] for e in epochs[-len(block):])
+        echo(compare_row(block.stop, jax_stats[-1], torch_stats[-1], block_diff,
+                         sum(s.seconds for s in jax_stats), sum(s.seconds for s in torch_stats)))
+    last = epochs[-1]
+    jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.test_x))
+    with torch.no_grad():
+        torch_out = torch_side.model(torch_side.test_x).numpy()
+    return {
+        "seed": cfg["seed"],
+        "initial_weights_max_abs_diff": init_diff,
+        "first_step_loss": first_step,
+        "epochs": epochs,
+        "final": {
+            "jax_test_accuracy": last["jax"]["test_accuracy"],
+            "torch_test_accuracy": last["torch"]["test_accuracy"],
+            "accuracy_diff_pp": _diff(last["jax"]["test_accuracy"],
+                                      last["torch"]["test_accuracy"], 100.0),
+            "jax_test_loss": last["jax"]["test_loss"],
+            "torch_test_loss": last["torch"]["test_loss"],
+            "jax_train_seconds": sum(e["jax"]["seconds"] for e in epochs),
+            "torch_train_seconds": sum(e["torch"]["seconds"] for e in epochs),
+            "jax_compile_seconds": jax_side.compile_seconds,
+            "final_weights_max_abs_diff": max_abs_diff(
+                torch_side.weights(), convert.flax_to_torch(jax_side.weights())),
+        },
+        "test_outputs": {"jax": jax_out, "torch": torch_out},
+    }
+
+
 def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``cfg`` in both frameworks side by side; write ``out/report.json`` and ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(cfg["data"])
-    torch_side = TorchTrainer(cfg, dataset)
-    jax_side = JaxTrainer(cfg, dataset)
-
-    # Identical start: torch's initial weights -> safetensors -> the Flax model.
-    initial = out / "initial_weights_torch.safetensors"
-    convert.write_safetensors(torch_side.weights(), initial)
-    jax_side.load_weights(convert.torch_to_flax(convert.read_safetensors(initial)))
-    init_diff = max_abs_diff(torch_side.weights(), convert.flax_to_torch(jax_side.weights()))
-
-    echo(f"{cfg['name']}: {dataset.name} from {dataset.source}; {jax_side.num_train} training "
-         f"and {len(dataset.test_x)} test examples; initial weights max-abs diff {init_diff:g}")
-    echo(compare_header())
+    size = cfg["train"]["ensemble"]
+    echo(f"{cfg['name']}: {dataset.name} from {dataset.source}; {len(dataset.train_x)} "
+         f"training and {len(dataset.test_x)} test examples"
+         + (f"; an ensemble of {size} models (seeds {cfg['seed']}..{cfg['seed'] + size - 1})"
+            if size > 1 else ""))
+    members = []
+    for m in range(size):
+        member_cfg = copy.deepcopy(cfg)
+        member_cfg["seed"] = cfg["seed"] + m
+        if size > 1:
+            echo(f"member {m + 1}/{size} (seed {member_cfg['seed']})")
+        members.append(compare_member(member_cfg, dataset, out, progress,
+                                      echo if m == 0 else (lambda _line: None)))
+        if m > 0:
+            f = members[-1]["final"]
+            echo(f"  final test loss: jax {f['jax_test_loss']:.6f}, torch "
+                 f"{f['torch_test_loss']:.6f}")
+    first = members[0]
     report: dict[str, Any] = {
         "config": cfg, "dataset": dataset.name, "data_source": dataset.source,
-        "num_train": jax_side.num_train, "num_test": len(dataset.test_x),
+        "num_train": len(dataset.train_x), "num_test": len(dataset.test_x),
         "versions": versions(), "devices": {"jax": str(jax.devices()[0]), "torch": "cpu"},
-        "initial_weights_max_abs_diff": init_diff, "epochs": [],
+        "initial_weights_max_abs_diff": max(m["initial_weights_max_abs_diff"] for m in members),
+        "first_step_loss": first["first_step_loss"],
+        "epochs": first["epochs"],
+        "final": first["final"],
+        "command": " ".join(["jaxnets", *sys.argv[1:]]),
     }
-    for epoch in range(cfg["train"]["epochs"]):
-        sides = {}
-        for trainer in (jax_side, torch_side):
-            stats = trainer.train_epoch(epoch, progress)
-            stats.test_loss, stats.test_accuracy = trainer.evaluate()
-            sides[trainer.framework] = stats
-        j, t = sides["jax"], sides["torch"]
-        step_diff = float(np.max(np.abs(j.step_losses - t.step_losses)))
-        if epoch == 0:
-            report["first_step_loss"] = {"jax": float(j.step_losses[0]),
-                                         "torch": float(t.step_losses[0])}
-        report["epochs"].append({"epoch": epoch + 1, "jax": j.as_dict(), "torch": t.as_dict(),
-                                 "step_loss_max_abs_diff": step_diff})
-        echo(compare_row(epoch + 1, j, t, step_diff))
-    last = report["epochs"][-1]
-    report["final"] = {
-        "jax_test_accuracy": last["jax"]["test_accuracy"],
-        "torch_test_accuracy": last["torch"]["test_accuracy"],
-        "accuracy_diff_pp": 100 * (last["jax"]["test_accuracy"] - last["torch"]["test_accuracy"]),
-        "jax_train_seconds": sum(e["jax"]["seconds"] for e in report["epochs"]),
-        "torch_train_seconds": sum(e["torch"]["seconds"] for e in report["epochs"]),
-        "jax_compile_seconds": jax_side.compile_seconds,
-        "final_weights_max_abs_diff": max_abs_diff(torch_side.weights(),
-                                                   convert.flax_to_torch(jax_side.weights())),
-    }
-    report["command"] = " ".join(["jaxnets", *sys.argv[1:]]) if sys.argv else ""
+    if size > 1:
+        outputs = {fw: np.stack([m["test_outputs"][fw] for m in members]) for fw in ("jax",
+                                                                                   "torch")}
+        report["ensemble"] = {
+            "members": [{"seed": m["seed"], **m["final"]} for m in members],
+            "jax_test_loss_mean": float(np.mean([m["final"]["jax_test_loss"] for m in members])),
+            "torch_test_loss_mean": float(np.mean([m["final"]["torch_test_loss"]
+                                                   for m in members])),
+            "prediction_mean_max_abs_diff": float(np.max(np.abs(
+                outputs["jax"].mean(0) - outputs["torch"].mean(0)))),
+            "prediction_std_max_abs_diff": float(np.max(np.abs(
+                outputs["jax"].std(0) - outputs["torch"].std(0)))),
+        }
     write_json(out / "report.json", report)
     (out / "report.md").write_text(compare_markdown(report), encoding="utf-8")
     final = report["final"]
-    echo(f"final test accuracy: jax {100 * final['jax_test_accuracy']:.2f} %, torch "
-         f"{100 * final['torch_test_accuracy']:.2f} % ({final['accuracy_diff_pp']:+.2f} pp); "
-         f"training seconds: jax {final['jax_train_seconds']:.1f}, torch "
-         f"{final['torch_train_seconds']:.1f} (jax compilation {jax_side.compile_seconds:.1f} s, "
-         f"timed apart)")
+    if final["jax_test_accuracy"] is not None:
+        echo(f"final test accuracy: jax {100 * final['jax_test_accuracy']:.2f} %, torch "
+             f"{100 * final['torch_test_accuracy']:.2f} % ({final['accuracy_diff_pp']:+.2f} pp)")
+    echo(f"final test loss: jax {final['jax_test_loss']:.6f}, torch "
+         f"{final['torch_test_loss']:.6f}; training seconds: jax "
+         f"{final['jax_train_seconds']:.1f}, torch {final['torch_train_seconds']:.1f} (jax "
+         f"compilation {final['jax_compile_seconds']:.1f} s, timed apart)")
+    if size > 1:
+        ens = report["ensemble"]
+        echo(f"ensemble of {size}: mean test loss jax {ens['jax_test_loss_mean']:.6f}, torch "
+             f"{ens['torch_test_loss_mean']:.6f}; ensemble-mean prediction max-abs diff "
+             f"{ens['prediction_mean_max_abs_diff']:.3g}")
     echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
     return report

@@ -15,14 +15,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
-from jaxnets.report import EpochStats
+from jaxnets.report import EpochStats, describe, split_epochs
 from torchref.models import build_model
 
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
 
 def num_correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many rows' argmax equals the integer label."""
     return int((outputs.argmax(dim=-1) == labels).sum())
+
+
+def num_rounded_correct(predictions: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many regressed values round to the target (a digit regressed as a float)."""
+    return int((torch.round(predictions.reshape(-1)) == targets.reshape(-1)).sum())
+
+
+def no_metric(outputs: torch.Tensor, targets: torch.Tensor) -> int:
+    return 0
+
+
+METRICS = {"accuracy": num_correct, "rounded_accuracy": num_rounded_correct, "none": no_metric}
 
 
 def make_optimizer(opt_cfg: dict[str, Any], params) -> torch.optim.Optimizer:
@@ -42,6 +55,7 @@ class Trainer:
         self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.loss_fn = LOSSES[cfg["train"]["loss"]]()
+        self.num_correct = METRICS[cfg["train"]["metric"]]
         data_cfg, loss = cfg["data"], cfg["train"]["loss"]
         layout = "flat" if data_cfg["flatten"] else "nchw"
         self.train_x = torch.from_numpy(preprocess(dataset.train_x, data_cfg, layout))
@@ -54,14 +68,18 @@ class Trainer:
         return len(self.train_x)
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
+        return self.train_epochs(range(epoch, epoch + 1), progress)[0]
+
+    def train_epochs(self, epochs: range, progress: bool = True) -> list[EpochStats]:
         train = self.cfg["train"]
-        full, rest = epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], epoch,
-                                   train["shuffle"])
-        batches = [*full] + ([rest] if rest is not None else [])
-        losses, correct, sizes = [], 0, []
+        plan = [epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], e,
+                              train["shuffle"]) for e in epochs]
+        batches = [b for full, rest in plan for b in (*full, *([] if rest is None else [rest]))]
+        losses, correct = [], []
         self.model.train()
         start = time.perf_counter()
-        with tqdm(batches, desc=f"torch epoch {epoch}", leave=False, disable=not progress) as bar:
+        with tqdm(batches, desc=f"torch {describe(epochs)}", leave=False,
+                  disable=not progress) as bar:
             for step, idx in enumerate(bar, 1):
                 index = torch.from_numpy(idx)
                 x, y = self.train_x[index], self.train_y[index]
@@ -71,23 +89,16 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 losses.append(loss.item())
-                correct += num_correct(outputs.detach(), y)
-                sizes.append(len(idx))
+                correct.append(self.num_correct(outputs.detach(), y))
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         seconds = time.perf_counter() - start
-        sizes = np.asarray(sizes)
-        step_losses = np.asarray(losses, np.float32)
-        return EpochStats(
-            step_losses=step_losses,
-            loss=float(np.sum(step_losses.astype(np.float64) * sizes) / sizes.sum()),
-            accuracy=correct / sizes.sum(),
-            seconds=seconds,
-        )
+        return split_epochs(np.asarray(losses, np.float32), np.asarray(correct), plan, seconds,
+                            train["metric"])
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None
-                 ) -> tuple[float, float]:
+                 ) -> tuple[float, float | None]:
         x = self.test_x if x is None else x
         y = self.test_y if y is None else y
         size = self.cfg["train"]["eval_batch_size"]
@@ -96,8 +107,9 @@ class Trainer:
         for start in range(0, len(x), size):
             outputs = self.model(x[start:start + size])
             loss_sum += float(self.loss_fn(outputs, y[start:start + size])) * len(outputs)
-            correct += num_correct(outputs, y[start:start + size])
-        return loss_sum / len(x), correct / len(x)
+            correct += self.num_correct(outputs, y[start:start + size])
+        accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
+        return loss_sum / len(x), accuracy
 
     def weights(self) -> dict[str, np.ndarray]:
         """``state_dict`` as NumPy arrays (PyTorch names and layouts)."""

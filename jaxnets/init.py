@@ -5,6 +5,8 @@
 distribution without installing torch: ``nn.Linear``/``nn.Conv2d`` draw weights from
 kaiming_uniform(a=sqrt(5)), which is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and biases from the
 same interval. Same law, not the same numbers: for identical numbers, convert torch's weights.
+``"normal"``: d2l's explicit init, weights N(0, init_std^2); d2l's ``init_weights`` leaves the
+biases alone, so they keep PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-INIT_SCHEMES = ("torch", "flax")
+INIT_SCHEMES = ("torch", "flax", "normal")
 
 
 def torch_default_bias(fan_in: int):
@@ -26,8 +28,9 @@ def torch_default_bias(fan_in: int):
     return init
 
 
-def linear_inits(scheme: str, fan_in: int) -> dict:
-    """``kernel_init`` and ``bias_init`` keyword arguments for ``nnx.Linear``/``nnx.Conv``."""
+def linear_inits(scheme: str, fan_in: int, init_std: float = 0.01) -> dict:
+    """``kernel_init`` and ``bias_init`` for ``nnx.Linear``/``nnx.Conv``; ``fan_in`` is
+    in_features for a Linear, in_channels * kh * kw for a Conv."""
     if scheme == "flax":
         return {"kernel_init": nnx.initializers.lecun_normal(), "bias_init": nnx.initializers.zeros}
     if scheme == "torch":
@@ -37,4 +40,7 @@ def linear_inits(scheme: str, fan_in: int) -> dict:
             "kernel_init": nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
             "bias_init": torch_default_bias(fan_in),
         }
+    if scheme == "normal":
+        return {"kernel_init": nnx.initializers.normal(init_std),
+                "bias_init": torch_default_bias(fan_in)}
     raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")

@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--framework", choices=("jax", "torch"), default="jax")
     compare = sub.add_parser("compare", help="train in JAX and PyTorch side by side (main job)")
     _add_run_options(compare)
+    summary = sub.add_parser("summary", help="every layer's output shape and parameter count, "
+                             "JAX and PyTorch side by side")
+    summary.add_argument("config", help="a name from configs/ (see `jaxnets list`) or a TOML file")
+    summary.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    convert = sub.add_parser("convert", help="convert weights between PyTorch and Flax names "
+                             "and layouts (safetensors out)")
+    convert.add_argument("--from", dest="source", choices=("torch", "jax"), required=True)
+    convert.add_argument("--to", dest="target", choices=("torch", "jax"), required=True)
+    convert.add_argument("input", help="safetensors file (or a .pt/.pth state_dict from torch)")
+    convert.add_argument("output", help="safetensors file to write")
     return parser
 
 
@@ -85,7 +95,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from torchref.train import Trainer
     else:
         from jaxnets.train import Trainer
-    fit(Trainer(cfg, dataset), cfg, out, progress=not args.quiet)
+    size = cfg["train"]["ensemble"]
+    for member in range(size):  # an ensemble trains differently seeded models, one by one
+        member_cfg = {**cfg, "seed": cfg["seed"] + member}
+        member_out = out / f"seed{member_cfg['seed']}" if size > 1 else out
+        fit(Trainer(member_cfg, dataset), member_cfg, member_out, progress=not args.quiet)
     return 0
 
 
@@ -100,7 +114,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare}
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxnets.config import load_config
+    from jaxnets.summary import format_summary, jax_summary
+
+    cfg = load_config(args.config)
+    summaries = {"jax": jax_summary(cfg)}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        note = "note: PyTorch is not installed; only the JAX side is shown"
+    else:
+        from torchref.summary import torch_summary
+
+        summaries["torch"], note = torch_summary(cfg), ""
+    if args.json:
+        print(json.dumps(summaries))
+    else:
+        print(format_summary(summaries["jax"], summaries.get("torch")))
+    if note:
+        print(note, file=sys.stderr)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from jaxnets.convert import convert_file
+
+    arrays = convert_file(args.source, args.target, args.input, args.output)
+    print(f"{args.input} ({args.source}) -> {args.output} ({args.target}): {len(arrays)} "
+          f"tensors, {sum(a.size for a in arrays.values()):,} values")
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
+            "summary": _cmd_summary, "convert": _cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,3 +127,47 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike)
 def load_torch_weights(model: nnx.Module, path: str | os.PathLike) -> None:
     """Load a PyTorch ``state_dict`` saved as safetensors into a Flax model."""
     load_flax_params(model, torch_to_flax(read_safetensors(path)))
+
+
+def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch ``state_dict`` saved with ``torch.save`` (``.pt``/``.pth``), read with
+    ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled code."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{path}: reading a .pt/.pth file needs PyTorch "
+                              f"(pip install torch==2.13.0); safetensors files do not") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: file not found") from None
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{path}: refused or unreadable as a weights-only PyTorch file "
+                              f"({first_line})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got "
+                              f"{type(state).__name__}")
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+
+def convert_file(source: str, target: str, src: str | os.PathLike,
+                 dst: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``jaxnets convert``: weights from one framework's names and layouts to the other's.
+
+    ``src``: safetensors (or a ``.pt``/``.pth`` state_dict when ``source`` is torch); ``dst`` is
+    always written as safetensors. Returns the converted arrays.
+    """
+    if {source, target} != {"torch", "jax"}:
+        raise ConversionError(f"--from {source} --to {target}: convert between 'torch' and "
+                              f"'jax' (one each)")
+    suffix = os.path.splitext(str(src))[1].lower()
+    if suffix in (".pt", ".pth"):
+        if source != "torch":
+            raise ConversionError(f"{src}: a .pt/.pth file holds PyTorch weights: use --from torch")
+        arrays = read_torch_file(src)
+    else:
+        arrays = read_safetensors(src)
+    converted = torch_to_flax(arrays) if source == "torch" else flax_to_torch(arrays)
+    write_safetensors(converted, dst)
+    return converted

@@ -157,3 +157,35 @@ def test_short_compare_runs_for_every_config(name, fashion, tmp_path):
         assert abs(report["final"]["accuracy_diff_pp"]) < 2.0
     if toy and cfg["train"]["loss"] == "mse":
         assert len(report["ensemble"]["members"]) == 2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_convert_command_round_trips(name, tmp_path):
+    from jaxnets.convert import convert_file
+
+    original = torch_weights(build_torch(load_config(name)["model"], seed=5))
+    torch.save({k: torch.from_numpy(v) for k, v in original.items()}, tmp_path / "model.pt")
+    flax = convert_file("torch", "jax", tmp_path / "model.pt", tmp_path / "flax.safetensors")
+    jax_model = build_jax(load_config(name)["model"], seed=6)
+    convert.load_flax_params(jax_model, flax)  # names and shapes fit the Flax model
+    convert_file("jax", "torch", tmp_path / "flax.safetensors", tmp_path / "back.safetensors")
+    back = convert.read_safetensors(tmp_path / "back.safetensors")
+    assert back.keys() == original.keys()
+    assert all(np.array_equal(back[k], v) for k, v in original.items())
+
+
+def test_convert_cli(tmp_path):
+    from conftest import run_cli
+
+    weights = torch_weights(build_torch(load_config("convnet_mnist")["model"], seed=0))
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "m.pth")
+    result = run_cli("convert", "--from", "torch", "--to", "jax", str(tmp_path / "m.pth"),
+                     str(tmp_path / "m.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert "6 tensors, 8,490 values" in result.stdout
+    flax = convert.read_safetensors(tmp_path / "m.safetensors")
+    assert flax["conv1.kernel"].shape == (5, 5, 1, 10) and flax["fc.kernel"].shape == (320, 10)
+    result = run_cli("convert", "--from", "torch", "--to", "jax", str(tmp_path / "m.safetensors"),
+                     str(tmp_path / "again.safetensors"))
+    assert result.returncode == 1 and "are the weights from the other framework" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

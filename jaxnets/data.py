@@ -316,6 +316,19 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
     return full, (rest if len(rest) else None)
 
 
+def model_arrays(dataset: Dataset, cfg: dict[str, Any], framework: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train_x, train_y, test_x, test_y)`` as a framework's model takes them: inputs
+    preprocessed into its layout (NHWC for ``"jax"``, NCHW for ``"torch"``, or flat vectors),
+    targets as the config's loss wants them."""
+    data_cfg, loss = cfg["data"], cfg["train"]["loss"]
+    layout = "flat" if data_cfg["flatten"] else {"jax": "nhwc", "torch": "nchw"}[framework]
+    return (preprocess(dataset.train_x, data_cfg, layout),
+            prepare_targets(dataset.train_y, loss),
+            preprocess(dataset.test_x, data_cfg, layout),
+            prepare_targets(dataset.test_y, loss))
+
+
 def prepare_targets(y: np.ndarray, loss: str) -> np.ndarray:
     """Labels as each loss wants them: integer classes for cross-entropy; float32 values for
     MSE (an integer label becomes the digit's value, the Paddle notes' regression of a digit)."""

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxnets.convert import flax_params, load_flax_params
-from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
+from jaxnets.data import Dataset, epoch_batches, model_arrays
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
 from jaxnets.report import EpochStats, describe, split_epochs
@@ -50,16 +50,13 @@ class Trainer:
         graphdef, params = nnx.split(self.model)
         self.params = params
         self.opt_state = self.optimizer.init(params)
-        data_cfg, loss = cfg["data"], cfg["train"]["loss"]
-        layout = "flat" if data_cfg["flatten"] else "nhwc"
-        self.train_x = jax.device_put(preprocess(dataset.train_x, data_cfg, layout))
-        self.train_y = jax.device_put(prepare_targets(dataset.train_y, loss))
-        self.test_x = jax.device_put(preprocess(dataset.test_x, data_cfg, layout))
-        self.test_y = jax.device_put(prepare_targets(dataset.test_y, loss))
+        # the whole dataset goes to the device once; epochs gather their batches there
+        self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(
+            model_arrays(dataset, cfg, "jax"))
         self._bar = None
         self._compiled: dict = {}
         self.compile_seconds = 0.0
-        loss_fn = LOSSES[loss]
+        loss_fn = LOSSES[cfg["train"]["loss"]]
         num_correct = METRICS[cfg["train"]["metric"]]
 
         def apply(params, x):

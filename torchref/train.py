@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from jaxnets.data import Dataset, epoch_batches, prepare_targets, preprocess
+from jaxnets.data import Dataset, epoch_batches, model_arrays
 from jaxnets.report import EpochStats, describe, split_epochs
 from torchref.models import build_model
 
@@ -56,12 +56,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.loss_fn = LOSSES[cfg["train"]["loss"]]()
         self.num_correct = METRICS[cfg["train"]["metric"]]
-        data_cfg, loss = cfg["data"], cfg["train"]["loss"]
-        layout = "flat" if data_cfg["flatten"] else "nchw"
-        self.train_x = torch.from_numpy(preprocess(dataset.train_x, data_cfg, layout))
-        self.train_y = torch.from_numpy(prepare_targets(dataset.train_y, loss))
-        self.test_x = torch.from_numpy(preprocess(dataset.test_x, data_cfg, layout))
-        self.test_y = torch.from_numpy(prepare_targets(dataset.test_y, loss))
+        self.train_x, self.train_y, self.test_x, self.test_y = map(
+            torch.from_numpy, model_arrays(dataset, cfg, "torch"))
 
     @property
     def num_train(self) -> int:

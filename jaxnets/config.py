@@ -55,7 +55,9 @@ DEFAULTS: dict[str, Any] = {
         "name": "adam",
         "learning_rate": 1e-3,
         "momentum": 0.0,
-        # Coupled weight decay (added to the gradient), as torch.optim.SGD/Adam do.
+        "nesterov": False,
+        # sgd and adam: coupled weight decay (added to the gradient), as torch.optim.SGD/Adam
+        # do; adamw: decoupled, as torch.optim.AdamW.
         "weight_decay": 0.0,
     },
     "train": {
@@ -82,7 +84,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("MLP", "LeNet", "SimpleNet", "ConvNet"),
     "model.activation": ("relu", "sigmoid", "tanh", "none"),
     "model.init": ("torch", "flax", "normal"),
-    "optimizer.name": ("sgd", "adam"),
+    "optimizer.name": ("sgd", "adam", "adamw"),
     "train.loss": ("cross_entropy", "mse"),
     "train.metric": ("accuracy", "rounded_accuracy", "none"),
 }

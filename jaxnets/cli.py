@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from jaxnets.errors import JaxnetsError
+from jaxnets.errors import ConfigError, JaxnetsError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "JAX and PyTorch side by side")
     summary.add_argument("config", help="a name from configs/ (see `jaxnets list`) or a TOML file")
     summary.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    parity = sub.add_parser("parity", help="check forward, gradients, steps and trajectories "
+                            "agree between JAX and PyTorch")
+    parity.add_argument("configs", nargs="*", metavar="CONFIG", help="default: every config")
+    parity.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parity.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parity.add_argument("--steps", type=int, default=100, metavar="K",
+                        help="length of the training trajectory compared (default 100)")
+    parity.add_argument("--dataset", default="fashion_mnist",
+                        help="image inputs for the image configs (default fashion_mnist)")
+    parity.add_argument("--data-dir", metavar="DIR", help="a directory holding the IDX files")
+    parity.add_argument("--out", metavar="DIR", help="output directory (default runs/parity)")
     convert = sub.add_parser("convert", help="convert weights between PyTorch and Flax names "
                              "and layouts (safetensors out)")
     convert.add_argument("--from", dest="source", choices=("torch", "jax"), required=True)
@@ -139,6 +150,54 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_backends(dtype: str, device: str) -> None:
+    """Float64 and the device must be chosen before JAX makes its first array. On a GPU both
+    frameworks run with TF32 off, so float32 matmuls and convolutions are true float32."""
+    import jax
+
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        return
+    import torch
+
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        raise JaxnetsError("--device gpu: JAX sees no GPU here (install jax[cuda12] on a "
+                           "machine with one)") from None
+    if not torch.cuda.is_available():
+        raise JaxnetsError("--device gpu: PyTorch sees no GPU here")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from jaxnets.config import available_configs, load_config
+    from jaxnets.data import IMAGE_DATASETS
+
+    _require_torch()
+    _setup_backends(args.dtype, args.device)
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: give at least 1 step")
+    cfgs = []
+    for name in args.configs or list(available_configs()):
+        cfg = load_config(name)
+        if cfg["data"]["dataset"] in IMAGE_DATASETS:
+            extra = [f'data.dataset="{args.dataset}"']
+            if args.data_dir:
+                extra.append(f'data.data_dir="{Path(args.data_dir).expanduser()}"')
+            cfg = load_config(name, extra)
+        cfgs.append(cfg)
+    from torchref.parity import run_parity
+
+    report = run_parity(cfgs, Path(args.out or "runs/parity"), args.dtype, args.device,
+                        args.steps)
+    return 0 if report["passed"] else 1
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from jaxnets.convert import convert_file
 
@@ -149,7 +208,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
-            "summary": _cmd_summary, "convert": _cmd_convert}
+            "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,10 +76,16 @@ def flax_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return _rename(params, "kernel", "weight", _TO_TORCH)
 
 
+def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
+    """An NNX state (parameters, or their gradients) as ``{"layers.0.kernel": array, ...}``."""
+    return {".".join(map(str, path)): np.asarray(var.get_value() if hasattr(var, "get_value")
+                                                 else var)
+            for path, var in nnx.to_flat_state(state)}
+
+
 def flax_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as ``{"layers.0.kernel": array, ...}``."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(map(str, path)): np.asarray(var.get_value()) for path, var in flat}
+    return flat_arrays(nnx.state(model, nnx.Param))
 
 
 def load_flax_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:

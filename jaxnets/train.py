@@ -17,11 +17,22 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxnets.convert import flax_params, load_flax_params
+from jaxnets.convert import flat_arrays, flax_params, load_flax_params
 from jaxnets.data import Dataset, epoch_batches, model_arrays
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
 from jaxnets.report import EpochStats, describe, split_epochs
+
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise RuntimeError("float64 in JAX needs jax.config.update('jax_enable_x64', True) "
+                           "before any array is made")
+    return dtype
 
 
 def make_optimizer(opt_cfg: dict[str, Any]) -> optax.GradientTransformation:
@@ -43,16 +54,23 @@ class Trainer:
 
     framework = "jax"
 
-    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None):
+    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None,
+                 dtype: str = "float32"):
+        """``dtype="float64"`` needs JAX's x64 mode on (``jax.config.update("jax_enable_x64",
+        True)`` before any array is made)."""
         self.cfg = cfg
+        self.dtype = check_dtype(dtype)
         self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        if dtype != "float32":
+            nnx.update(self.model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(self.model)))
         self.optimizer = make_optimizer(cfg["optimizer"])
         graphdef, params = nnx.split(self.model)
         self.params = params
         self.opt_state = self.optimizer.init(params)
         # the whole dataset goes to the device once; epochs gather their batches there
+        arrays = model_arrays(dataset, cfg, "jax")
         self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(
-            model_arrays(dataset, cfg, "jax"))
+            [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays])
         self._bar = None
         self._compiled: dict = {}
         self.compile_seconds = 0.0
@@ -90,7 +108,11 @@ class Trainer:
             outputs = apply(params, x)
             return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
 
+        def gradients(params, x, y):
+            return jax.grad(lambda p: loss_fn(apply(p, x), y))(params)
+
         self.apply = jax.jit(apply)
+        self._gradients = jax.jit(gradients)
         self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
         self._eval_batch = jax.jit(eval_batch)
 
@@ -128,7 +150,7 @@ class Trainer:
                 run = self._compiled_epoch(index_batches.shape, progress)
                 self.params, self.opt_state, step_losses, step_correct = run(
                     self.params, self.opt_state, self.train_x, self.train_y,
-                    jnp.asarray(index_batches))
+                    jnp.asarray(index_batches, jnp.int32))
                 losses.append(step_losses)
                 correct.append(step_correct)
             losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
@@ -167,6 +189,17 @@ class Trainer:
             correct += int(batch_correct)
         accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
         return loss_sum / len(x), accuracy
+
+    def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
+                           ) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss of one batch and its gradient for every parameter (Flax names, layouts)."""
+        loss = LOSSES[self.cfg["train"]["loss"]](self.apply(self.params, x), y)
+        return float(loss), flat_arrays(self._gradients(self.params, x, y))
+
+    def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Every step's output (NHWC where 4-D), with the current parameters."""
+        nnx.update(self.model, self.params)
+        return [(name, np.asarray(out)) for name, out in self.model.forward_layers(x)]
 
     def weights(self) -> dict[str, np.ndarray]:
         """Current parameters as ``{"layers.0.kernel": array, ...}`` (Flax names and layouts)."""

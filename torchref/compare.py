@@ -83,7 +83,7 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
     last = epochs[-1]
     jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.test_x))
     with torch.no_grad():
-        torch_out = torch_side.model(torch_side.test_x).numpy()
+        torch_out = torch_side.model(torch_side.test_x).cpu().numpy()
     return {
         "seed": cfg["seed"],
         "initial_weights_max_abs_diff": init_diff,

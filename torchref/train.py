@@ -50,14 +50,22 @@ def make_optimizer(opt_cfg: dict[str, Any], params) -> torch.optim.Optimizer:
 class Trainer:
     framework = "torch"
 
-    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nn.Module | None = None):
+    def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nn.Module | None = None,
+                 dtype: str = "float32", device: str = "cpu"):
         self.cfg = cfg
+        self.dtype, self.device = getattr(torch, dtype), torch.device(device)
         self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        self.model.to(device=self.device, dtype=self.dtype)
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.loss_fn = LOSSES[cfg["train"]["loss"]]()
         self.num_correct = METRICS[cfg["train"]["metric"]]
-        self.train_x, self.train_y, self.test_x, self.test_y = map(
-            torch.from_numpy, model_arrays(dataset, cfg, "torch"))
+        self.train_x, self.train_y, self.test_x, self.test_y = (
+            self.tensor(a) for a in model_arrays(dataset, cfg, "torch"))
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A NumPy array on this trainer's device; floats in its dtype."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     @property
     def num_train(self) -> int:
@@ -77,7 +85,7 @@ class Trainer:
         with tqdm(batches, desc=f"torch {describe(epochs)}", leave=False,
                   disable=not progress) as bar:
             for step, idx in enumerate(bar, 1):
-                index = torch.from_numpy(idx)
+                index = torch.from_numpy(idx).to(self.device)
                 x, y = self.train_x[index], self.train_y[index]
                 self.optimizer.zero_grad()
                 outputs = self.model(x)
@@ -106,6 +114,23 @@ class Trainer:
             correct += self.num_correct(outputs, y[start:start + size])
         accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
         return loss_sum / len(x), accuracy
+
+    def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
+                           ) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss of one batch and its gradient for every parameter (torch names, layouts)."""
+        self.model.zero_grad()
+        loss = self.loss_fn(self.model(self.tensor(x)), self.tensor(y))
+        loss.backward()
+        grads = {name: p.grad.detach().cpu().numpy().copy()
+                 for name, p in self.model.named_parameters()}
+        self.model.zero_grad()
+        return float(loss.detach()), grads
+
+    @torch.no_grad()
+    def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Every step's output (NCHW where 4-D), with the current parameters."""
+        return [(name, out.cpu().numpy()) for name, out in
+                self.model.forward_layers(self.tensor(x))]
 
     def weights(self) -> dict[str, np.ndarray]:
         """``state_dict`` as NumPy arrays (PyTorch names and layouts)."""

@@ -1,0 +1,249 @@
+"""``jaxnets parity``: evidence that each JAX model computes what its PyTorch twin computes.
+
+For every config, from PyTorch's initial weights converted into the Flax model and identical
+inputs: every layer's activations, the loss, every parameter's gradient, one optimizer step,
+and a K-step training trajectory on identical batches. Each check records its max-abs and
+max-relative difference against a stated tolerance; a failed check names the first layer
+whose values differ beyond it, so a broken port points at its own bug.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxnets import convert
+from jaxnets.data import Dataset, load_dataset, model_arrays
+from jaxnets.report import write_json
+
+# Tolerances (max-abs), each with its reason.
+TOLERANCES = {
+    "float32": {
+        # one forward pass: a few float32 roundings (~6e-8 relative) per layer, summed over
+        # up to 980 products in different orders, on activations of order 1-10
+        "forward": 1e-5,
+        "loss": 1e-5,  # a mean of forward outputs through log-softmax: the forward's bound
+        # backward sums over the batch as well: an order more accumulation than the forward
+        "gradients": 1e-4,
+        # one update moves weights by ~lr; the rounding on top is far below 1e-5, except
+        # where Adam divides a gradient of size ~eps by itself (lr * 1e-2 at worst)
+        "step": 1e-5,
+        # 100 steps: the rounding of each step feeds the next; measured drifts are ~1e-5-1e-4
+        "trajectory": 1e-3,
+        "trajectory_weights": 1e-3,
+    },
+    "float64": {
+        # float64 rounding is ~1e-16 relative: 1e-12 leaves room for accumulation only
+        "forward": 1e-12,
+        "loss": 1e-12,
+        "gradients": 1e-10,  # the batch sum adds accumulation, as in float32
+        "step": 1e-12,
+        "trajectory": 1e-9,  # 100 steps of feedback on 1e-16-level rounding
+        "trajectory_weights": 1e-9,
+    },
+}
+
+
+def tolerances(cfg: dict[str, Any], dtype: str, steps: int) -> dict[str, float]:
+    """The tolerances for one config. Adam in float32 gets wider step and trajectory bounds:
+    it divides each gradient entry by its own magnitude, lr * g / (|g| + eps), so an entry of
+    size ~1e-8 whose float32 rounding differs by ~1e-9 between the frameworks (their sums run in
+    different orders) moves by ~0.1 lr, and an entry near zero whose sign differs moves by 2 lr.
+    Float64 rounding is too small for that and keeps the common bounds."""
+    tol = dict(TOLERANCES[dtype])
+    if dtype == "float32" and cfg["optimizer"]["name"] in ("adam", "adamw"):
+        lr = cfg["optimizer"]["learning_rate"]
+        tol["step"] = 0.1 * lr  # measured: 2.0e-5 for mlp_fashion at lr 1e-3
+        tol["trajectory_weights"] = 2 * lr * steps  # worst case: a sign flip at every step
+        tol["trajectory"] = 1e-2  # measured: 3.8e-3 for mlp_fashion over 100 steps
+    return tol
+
+
+@dataclass
+class Check:
+    config: str
+    check: str
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    passed: bool
+    first_divergent_layer: str | None = None
+    detail: str = ""
+
+
+def diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Max-abs and max-relative difference (relative to max(|b|, 1e-30) per element)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return math.inf, math.inf
+    if not a.size:
+        return 0.0, 0.0
+    absolute = np.abs(a - b)
+    return float(absolute.max()), float((absolute / np.maximum(np.abs(b), 1e-30)).max())
+
+
+def nchw(array: np.ndarray) -> np.ndarray:
+    """A JAX activation in PyTorch's layout (NHWC -> NCHW); vectors unchanged."""
+    return array.transpose(0, 3, 1, 2) if array.ndim == 4 else array
+
+
+def layer_of(param_name: str) -> str:
+    """``"layers.0.weight"`` -> ``"layers.0"``."""
+    return param_name.rpartition(".")[0]
+
+
+def _named_check(cfg, check, pairs: list[tuple[str, np.ndarray, np.ndarray]], tol,
+                 detail: str = "") -> Check:
+    """One check over named tensor pairs (in model order); the first over ``tol`` is named."""
+    worst_abs, worst_rel, first = 0.0, 0.0, None
+    for name, a, b in pairs:
+        abs_d, rel_d = diffs(a, b)
+        worst_abs, worst_rel = max(worst_abs, abs_d), max(worst_rel, rel_d)
+        if first is None and not abs_d <= tol:
+            first = name
+            detail = detail or f"{name}: max-abs difference {abs_d:.3g}"
+    return Check(cfg["name"], check, worst_abs, worst_rel, tol, first is None, first, detail)
+
+
+def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Dataset:
+    """The first ``size`` training examples (all of them for the full-batch toys)."""
+    count = len(dataset.train_x) if cfg["train"]["batch_size"] >= len(dataset.train_x) else size
+    return Dataset(dataset.name, dataset.source, dataset.train_x[:count],
+                   dataset.train_y[:count], dataset.test_x[:count], dataset.test_y[:count])
+
+
+def twins(cfg, dataset, dtype, device, converter):
+    from jaxnets.train import Trainer as JaxTrainer
+    from torchref.train import Trainer as TorchTrainer
+
+    torch_side = TorchTrainer(cfg, dataset, dtype=dtype,
+                              device="cuda" if device == "gpu" else "cpu")
+    jax_side = JaxTrainer(cfg, dataset, dtype=dtype)
+    jax_side.load_weights(converter(torch_side.weights()))
+    return jax_side, torch_side
+
+
+def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
+                 device: str = "cpu", steps: int = 100,
+                 converter: Callable[[dict], dict] = convert.torch_to_flax) -> list[Check]:
+    """Every check for one config. ``converter`` maps torch weights to Flax weights (a test
+    passes a deliberately wrong one to see the report name the broken layer)."""
+    tol = tolerances(cfg, dtype, steps)
+    checks = []
+    batch = probe_batch(cfg, dataset)
+    jax_side, torch_side = twins(cfg, batch, dtype, device, converter)
+    jax_x, jax_y, _, _ = model_arrays(batch, cfg, "jax")
+    torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
+    jax_x, torch_x = jax_x.astype(dtype), torch_x.astype(dtype)
+    if jax_y.dtype.kind == "f":
+        jax_y, torch_y = jax_y.astype(dtype), torch_y.astype(dtype)
+
+    # forward, layer by layer
+    jax_layers = jax_side.forward_layers(jax_x)
+    torch_layers = dict(torch_side.forward_layers(torch_x))
+    pairs = [(name, nchw(out), torch_layers[name]) for name, out in jax_layers]
+    forward = _named_check(cfg, "forward", pairs, tol["forward"])
+    out_abs, _ = diffs(*pairs[-1][1:])
+    forward.detail = (forward.detail or "") + f" (output max-abs {out_abs:.3g})"
+    checks.append(forward)
+
+    # loss and gradients
+    jax_loss, jax_grads = jax_side.loss_and_gradients(jax_x, jax_y)
+    torch_loss, torch_grads = torch_side.loss_and_gradients(torch_x, torch_y)
+    checks.append(_named_check(cfg, "loss", [("loss", np.float64(jax_loss),
+                                              np.float64(torch_loss))], tol["loss"]))
+    jax_grads = convert.flax_to_torch(jax_grads)
+    checks.append(_named_check(cfg, "gradients", [
+        (layer_of(name), jax_grads[name], g) for name, g in torch_grads.items()],
+        tol["gradients"]))
+
+    # one optimizer step on that batch (one full batch: batch_size = the batch)
+    step_cfg = copy.deepcopy(cfg)
+    step_cfg["train"]["batch_size"] = len(batch.train_x)
+    jax_side, torch_side = twins(step_cfg, batch, dtype, device, converter)
+    jax_side.train_epoch(0, progress=False)
+    torch_side.train_epoch(0, progress=False)
+    after = convert.flax_to_torch(jax_side.weights())
+    checks.append(_named_check(cfg, "step", [
+        (layer_of(name), after[name], w) for name, w in torch_side.weights().items()],
+        tol["step"]))
+
+    # a K-step trajectory on identical batches
+    bs = cfg["train"]["batch_size"]
+    limit = min(len(dataset.train_x), steps * bs)
+    traj_data = Dataset(dataset.name, dataset.source, dataset.train_x[:limit],
+                        dataset.train_y[:limit], dataset.test_x[:1], dataset.test_y[:1])
+    per_epoch = math.ceil(limit / bs)
+    jax_side, torch_side = twins(cfg, traj_data, dtype, device, converter)
+    epochs = range(math.ceil(steps / per_epoch))
+    jax_losses = np.concatenate([s.step_losses for s in jax_side.train_epochs(epochs, False)])
+    torch_losses = np.concatenate([s.step_losses for s in torch_side.train_epochs(epochs,
+                                                                                   False)])
+    jax_losses, torch_losses = jax_losses[:steps], torch_losses[:steps]
+    per_step = np.abs(jax_losses.astype(np.float64) - torch_losses)
+    first_bad = np.flatnonzero(~(per_step <= tol["trajectory"]))
+    checks.append(Check(
+        cfg["name"], f"trajectory_{len(per_step)}_steps", float(per_step.max()),
+        diffs(jax_losses, torch_losses)[1], tol["trajectory"], not len(first_bad), None,
+        f"per-step loss difference: step 1 {per_step[0]:.3g}, last {per_step[-1]:.3g}"
+        + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else "")))
+    final = convert.flax_to_torch(jax_side.weights())
+    checks.append(_named_check(cfg, f"trajectory_{len(per_step)}_steps_weights", [
+        (layer_of(name), final[name], w) for name, w in torch_side.weights().items()],
+        tol["trajectory_weights"]))
+    return checks
+
+
+def run_parity(cfgs: list[dict[str, Any]], out: Path, dtype: str = "float32",
+               device: str = "cpu", steps: int = 100,
+               echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Check every config; write ``out/report.json`` and ``out/report.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    checks: list[Check] = []
+    datasets: dict[tuple, Dataset] = {}
+    for cfg in cfgs:
+        key = (cfg["data"]["dataset"], cfg["data"]["data_dir"], cfg["data"]["seed"])
+        if key not in datasets:
+            datasets[key] = load_dataset({**cfg["data"], "valid_size": 0, "train_limit": 0})
+        results = check_config(cfg, datasets[key], dtype, device, steps)
+        checks += results
+        bad = [c for c in results if not c.passed]
+        echo(f"{cfg['name']:<20} " + ("ok" if not bad else "FAILED: " + "; ".join(
+            f"{c.check} {c.max_abs_diff:.3g} > {c.tolerance:g}"
+            + (f" (first at {c.first_divergent_layer})" if c.first_divergent_layer else "")
+            for c in bad)))
+    import jax
+    import torch
+
+    report = {"dtype": dtype, "device": device, "steps": steps,
+              "devices": {"jax": str(jax.devices()[0]),
+                          "torch": torch.cuda.get_device_name() if device == "gpu" else "cpu"},
+              "passed": all(c.passed for c in checks),
+              "tf32": "off" if device == "gpu" else "not applicable (CPU)",
+              "machine": platform.machine(), "checks": [asdict(c) for c in checks]}
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(parity_markdown(report), encoding="utf-8")
+    echo(f"{sum(c.passed for c in checks)}/{len(checks)} checks passed ({dtype}, {device}); "
+         f"report: {out / 'report.md'} and {out / 'report.json'}")
+    return report
+
+
+def parity_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# jaxnets parity: {report['dtype']} on {report['device']}", "",
+             f"{'All checks passed.' if report['passed'] else 'Some checks FAILED.'} "
+             f"Trajectories: {report['steps']} steps. TF32: {report['tf32']}.", "",
+             "| config | check | max-abs diff | max-rel diff | tolerance | passed | "
+             "first divergent layer |", "|---|---|---:|---:|---:|---|---|"]
+    for c in report["checks"]:
+        lines.append(f"| {c['config']} | {c['check']} | {c['max_abs_diff']:.3g} | "
+                     f"{c['max_rel_diff']:.3g} | {c['tolerance']:g} | "
+                     f"{'yes' if c['passed'] else '**no**'} | "
+                     f"{c['first_divergent_layer'] or ''} |")
+    return "\n".join(lines) + "\n"

@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.0,
         "nesterov": False,
         # sgd and adam: coupled weight decay (added to the gradient), as torch.optim.SGD/Adam
-        # do; adamw: decoupled, as torch.optim.AdamW.
+        # do; adamw: decoupled, as torch.optim.AdamW (whose own default is 1e-2: set it).
         "weight_decay": 0.0,
     },
     "train": {
@@ -203,6 +203,13 @@ def validate(cfg: dict[str, Any]) -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low}" if inclusive else f"> {low}"
             raise ConfigError(f"{dotted} = {value!r} is out of range: it must be {bound}")
+    opt = cfg["optimizer"]
+    if opt["nesterov"] and (opt["name"] != "sgd" or opt["momentum"] == 0):
+        raise ConfigError("optimizer.nesterov needs optimizer.name = 'sgd' and "
+                          "optimizer.momentum > 0 (as torch.optim.SGD)")
+    if opt["momentum"] and opt["name"] != "sgd":
+        raise ConfigError(f"optimizer.momentum applies to sgd only; {opt['name']} has its own "
+                          f"betas (0.9, 0.999)")
     for i, width in enumerate(cfg["model"]["hidden"]):
         if width < 1:
             raise ConfigError(f"model.hidden[{i}] = {width} is out of range: it must be >= 1")

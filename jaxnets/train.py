@@ -21,6 +21,7 @@ from jaxnets.convert import flat_arrays, flax_params, load_flax_params
 from jaxnets.data import Dataset, epoch_batches, model_arrays
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
+from jaxnets.optim import make_optimizer
 from jaxnets.report import EpochStats, describe, split_epochs
 
 DTYPES = ("float32", "float64")
@@ -33,20 +34,6 @@ def check_dtype(dtype: str) -> str:
         raise RuntimeError("float64 in JAX needs jax.config.update('jax_enable_x64', True) "
                            "before any array is made")
     return dtype
-
-
-def make_optimizer(opt_cfg: dict[str, Any]) -> optax.GradientTransformation:
-    """torch.optim.SGD / Adam in Optax. Weight decay is *coupled*, as torch's: ``wd * param`` is
-    added to the gradient before the optimizer sees it (not AdamW's decoupled decay)."""
-    lr, wd = opt_cfg["learning_rate"], opt_cfg["weight_decay"]
-    if opt_cfg["name"] == "sgd":
-        # optax.sgd's trace (t = g + m t; p -= lr t) is torch's momentum buffer, dampening 0.
-        base = optax.sgd(lr, momentum=opt_cfg["momentum"] or None)
-    elif opt_cfg["name"] == "adam":
-        base = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.Adam's defaults
-    else:
-        raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")
-    return optax.chain(optax.add_decayed_weights(wd), base) if wd else base
 
 
 class Trainer:

@@ -51,7 +51,10 @@ def test_overrides_are_typed():
          r"optimizer.learning_rate = 0.0 is out of range: it must be > 0"),
         ("train.batch_size=0", r"train.batch_size = 0 is out of range: it must be >= 1"),
         ("optimizer.weight_decay=-1e-5", r"optimizer.weight_decay = -1e-05 is out of range"),
-        ("optimizer.name=rmsprop", r"optimizer.name = 'rmsprop' is not one of: 'sgd', 'adam', 'adamw'"),
+        ("optimizer.name=rmsprop",
+         r"optimizer.name = 'rmsprop' is not one of: 'sgd', 'adam', 'adamw'"),
+        ("optimizer.nesterov=true", r"optimizer.nesterov needs optimizer.name = 'sgd' and "
+                                    r"optimizer.momentum > 0"),
         ("train", r"--set expects key=value"),
         ("train=3", r"train is a section"),
     ],

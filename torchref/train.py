@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from jaxnets.data import Dataset, epoch_batches, model_arrays
 from jaxnets.report import EpochStats, describe, split_epochs
 from torchref.models import build_model
+from torchref.optim import make_optimizer
 
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
 
@@ -36,15 +37,6 @@ def no_metric(outputs: torch.Tensor, targets: torch.Tensor) -> int:
 
 
 METRICS = {"accuracy": num_correct, "rounded_accuracy": num_rounded_correct, "none": no_metric}
-
-
-def make_optimizer(opt_cfg: dict[str, Any], params) -> torch.optim.Optimizer:
-    lr, wd = opt_cfg["learning_rate"], opt_cfg["weight_decay"]
-    if opt_cfg["name"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=opt_cfg["momentum"], weight_decay=wd)
-    if opt_cfg["name"] == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    raise ValueError(f"unknown optimizer {opt_cfg['name']!r}")
 
 
 class Trainer:

@@ -17,6 +17,38 @@ def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.mean((predictions - targets.reshape(predictions.shape)) ** 2)
 
 
+def mae(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """torch.nn.L1Loss(): mean absolute difference over every element.
+
+    Written as ``d * sign(d)``, not ``abs(d)``: the same values, but the gradient at an exact
+    zero difference is torch's ``sign(0) = 0``; ``jnp.abs``'s gradient at 0 is 1.
+    """
+    diff = predictions - targets.reshape(predictions.shape)
+    return jnp.mean(diff * jnp.sign(diff))
+
+
+def l2_distance(predictions: jax.Array, targets: jax.Array,
+                reduction: str = "mean") -> jax.Array:
+    """Euclidean norm of the difference, per row: rows are the leading axis, everything
+    else is flattened. ``reduction``: ``"none"`` (batch,), ``"mean"`` or ``"sum"`` over rows.
+
+    torch: ``torch.linalg.vector_norm(p - t, dim=1)`` (not ``F.pairwise_distance``, which
+    adds ``eps=1e-6`` to the difference). A row with zero difference gets gradient 0, as in
+    torch, rather than the NaN that ``jnp.linalg.norm``'s sqrt gives at 0.
+    """
+    diff = (predictions - targets.reshape(predictions.shape)).reshape(predictions.shape[0], -1)
+    squared = jnp.sum(diff * diff, axis=-1)
+    nonzero = squared > 0
+    norms = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1)), 0)
+    if reduction == "none":
+        return norms
+    if reduction == "mean":
+        return norms.mean()
+    if reduction == "sum":
+        return norms.sum()
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
 def num_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """How many rows' argmax equals the integer label."""
     return jnp.sum(jnp.argmax(logits, axis=-1) == labels)

@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image inputs for the image configs (default fashion_mnist)")
     parity.add_argument("--data-dir", metavar="DIR", help="a directory holding the IDX files")
     parity.add_argument("--out", metavar="DIR", help="output directory (default runs/parity)")
+    bench = sub.add_parser("bench", help="training and inference throughput, JAX vs PyTorch")
+    bench.add_argument("configs", nargs="*", metavar="CONFIG", help="default: every config")
+    bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
+    bench.add_argument("--steps", type=int, default=100, help="training steps per timed run")
+    bench.add_argument("--modes", default="jit_step,scan,eager,compile",
+                       help="comma-separated subset of jit_step,scan (JAX), eager,compile "
+                            "(PyTorch)")
+    bench.add_argument("--dataset", default="fashion_mnist",
+                       help="data for the image configs (default fashion_mnist)")
+    bench.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
     convert = sub.add_parser("convert", help="convert weights between PyTorch and Flax names "
                              "and layouts (safetensors out)")
     convert.add_argument("--from", dest="source", choices=("torch", "jax"), required=True)
@@ -198,6 +209,37 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from jaxnets.config import available_configs, load_config
+    from jaxnets.data import IMAGE_DATASETS, load_dataset
+
+    _require_torch()
+    _setup_backends("float32", args.device)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    unknown = set(modes) - {"jit_step", "scan", "eager", "compile"}
+    if unknown or args.repeats < 1 or args.steps < 1:
+        raise ConfigError(f"--modes {args.modes!r}, --repeats {args.repeats}, --steps "
+                          f"{args.steps}: modes are jit_step, scan, eager, compile; repeats "
+                          f"and steps at least 1")
+    from bench import measure, report
+
+    peak = measure.matmul_peak(args.repeats, args.device)
+    print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
+          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
+    rows = []
+    for name in args.configs or list(available_configs()):
+        cfg = load_config(name)
+        if cfg["data"]["dataset"] in IMAGE_DATASETS:
+            cfg = load_config(name, [f'data.dataset="{args.dataset}"'])
+        rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
+                                     args.device, modes)
+    out = Path(args.out or "runs/bench")
+    report.write(out, report.machine_info(args.device, peak), rows,
+                 " ".join(["jaxnets", *sys.argv[1:]]))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from jaxnets.convert import convert_file
 
@@ -208,7 +250,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
-            "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity}
+            "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity,
+            "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,14 @@ class Trainer:
 
         self.apply = jax.jit(apply)
         self._gradients = jax.jit(gradients)
+        def one_step(params, opt_state, x_all, y_all, idx):
+            """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
+            (params, opt_state), (loss_value, correct) = train_step(
+                (params, opt_state), (x_all[idx], y_all[idx]), False)
+            return params, opt_state, loss_value, correct
+
         self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
+        self._train_step = jax.jit(one_step)
         self._eval_batch = jax.jit(eval_batch)
 
     def _tick(self, loss_value) -> None:
@@ -117,9 +124,11 @@ class Trainer:
         """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
         return self.train_epochs(range(epoch, epoch + 1), progress)[0]
 
-    def train_epochs(self, epochs: range, progress: bool = True) -> list[EpochStats]:
+    def train_epochs(self, epochs: range, progress: bool = True, scan: bool = True
+                     ) -> list[EpochStats]:
         """Consecutive epochs; when no epoch has a smaller last batch, all of them run as one
-        scan (the toys' 1000 full-batch steps take a few calls, not 1000)."""
+        scan (the toys' 1000 full-batch steps take a few calls, not 1000). ``scan=False``
+        dispatches every step as its own jitted call instead (same numbers, for benchmarks)."""
         plan = [epoch_batches(self.num_train, self.cfg["train"]["batch_size"], self.cfg["seed"],
                               e, self.cfg["train"]["shuffle"]) for e in epochs]
         if all(rest is None for _, rest in plan):
@@ -133,7 +142,14 @@ class Trainer:
                          leave=False, disable=not progress)
         losses, correct = [], []
         try:
-            for index_batches in chunks:
+            for index_batches in ([] if scan else chunks):
+                for idx in jnp.asarray(index_batches, jnp.int32):
+                    self.params, self.opt_state, step_loss, step_correct = self._train_step(
+                        self.params, self.opt_state, self.train_x, self.train_y, idx)
+                    losses.append(step_loss[None])
+                    correct.append(step_correct[None])
+                    self._bar.update(1)
+            for index_batches in (chunks if scan else []):
                 run = self._compiled_epoch(index_batches.shape, progress)
                 self.params, self.opt_state, step_losses, step_correct = run(
                     self.params, self.opt_state, self.train_x, self.train_y,

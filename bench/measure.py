@@ -1,0 +1,194 @@
+"""What ``jaxnets bench`` measures, and how.
+
+Every measurement times a fixed unit of work (``steps`` training steps, or one pass of
+inference over the test set) after a warm-up run of the same unit; the warm-up's extra time
+over the steady-state median is reported as ``compile_s``. Results are synchronised: JAX
+results are copied to the host (which waits for the device) and CUDA work is followed by
+``torch.cuda.synchronize()``. Peak memory is the host RSS sampled every 5 ms during the
+measurement (and the device's peak where there is a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+
+from jaxnets.data import Dataset
+
+MATMUL_SIZE = 2048
+
+
+class PeakRSS:
+    """Context manager: the largest resident set size of this process while it is open."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._process = psutil.Process(os.getpid())
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def timed(unit: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Warm-up once, then ``repeats`` timed runs: median, min, max seconds, and the warm-up's
+    excess over the median (compilation, autotuning, first-touch allocation)."""
+    start = time.perf_counter()
+    unit()
+    sync()
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        unit()
+        sync()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"median_s": median, "min_s": min(times), "max_s": max(times),
+            "compile_s": max(0.0, warmup - median), "times_s": times}
+
+
+def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
+    """float32 GFLOP/s of a 2048^3 matmul in each framework; the machine's peak is the larger."""
+    import torch
+
+    n = MATMUL_SIZE
+    flops = 2 * n**3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), np.float32)
+    b = rng.standard_normal((n, n), np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jax_mm = jax.jit(jnp.matmul)
+    jax_t = timed(lambda: jax_mm(ja, jb).block_until_ready(), repeats, lambda: None)
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+    torch_t = timed(lambda: ta @ tb, repeats, _torch_sync(device))
+    result = {"jax_gflops": flops / jax_t["median_s"] / 1e9,
+              "torch_gflops": flops / torch_t["median_s"] / 1e9}
+    result["matmul_peak_gflops"] = max(result.values())
+    return result
+
+
+def _torch_sync(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device == "gpu" else (lambda: None)
+
+
+def forward_flops(cfg: dict[str, Any]) -> int:
+    """Multiply-adds x 2 of one example's forward pass, from the layer table: a layer with
+    weights W (parameters less one bias per output channel) applied at P output positions
+    (1 for a Linear, H x W for a conv) costs 2 W P. Activations and pooling are not counted."""
+    from jaxnets.summary import jax_summary
+
+    total = 0
+    for layer in jax_summary(cfg)["layers"]:
+        if layer["params"]:
+            channels = layer["output_shape"][-1]
+            positions = math.prod(layer["output_shape"][1:-1])
+            total += 2 * (layer["params"] - channels) * positions
+    return total
+
+
+def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict, Dataset, range]:
+    """The unit of training work: ``steps`` steps, as one epoch over ``steps`` batches or, for
+    the full-batch toys, ``steps`` one-step epochs."""
+    cfg = copy.deepcopy(cfg)
+    bs = cfg["train"]["batch_size"]
+    n = len(dataset.train_x)
+    if bs >= n:  # full batch: one step per epoch
+        return cfg, dataset, range(steps)
+    limit = min(n, steps * bs)
+    cfg["train"]["shuffle"] = True
+    return cfg, Dataset(dataset.name, dataset.source, dataset.train_x[:limit],
+                        dataset.train_y[:limit], dataset.test_x, dataset.test_y), range(1)
+
+
+def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
+                 device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "eager",
+                                                                 "compile"),
+                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train and inference measurements for every mode of one config."""
+    import torch
+
+    from jaxnets.train import Trainer as JaxTrainer
+    from torchref.models import build_model as build_torch
+    from torchref.train import Trainer as TorchTrainer
+
+    unit_cfg, unit_data, epochs = bench_unit(cfg, dataset, steps)
+    flops = forward_flops(cfg)
+    rows = []
+    sync = _torch_sync(device)
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    for mode in modes:
+        framework = "jax" if mode in ("jit_step", "scan") else "torch"
+        try:
+            with PeakRSS() as rss:
+                if framework == "jax":
+                    trainer = JaxTrainer(unit_cfg, unit_data)
+
+                    def train_unit(t=trainer, scan=(mode == "scan")):
+                        return t.train_epochs(epochs, progress=False, scan=scan)
+
+                    train = timed(train_unit, repeats, lambda: None)
+                    infer = timed(trainer.evaluate, repeats, lambda: None)
+                else:
+                    model = build_torch(unit_cfg["model"], unit_cfg["seed"]).to(torch_device)
+                    if mode == "compile":
+                        model = torch.compile(model)
+                    trainer = TorchTrainer(unit_cfg, unit_data, model=model,
+                                           device=torch_device)
+
+                    def train_unit(t=trainer):
+                        return t.train_epochs(epochs, progress=False)
+
+                    train = timed(train_unit, repeats, sync)
+                    infer = timed(trainer.evaluate, repeats, sync)
+        except Exception as exc:  # torch.compile needs a working C++ toolchain, for one
+            echo(f"  {cfg['name']} {mode}: failed ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+            rows.append({"config": cfg["name"], "framework": framework, "mode": mode,
+                         "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        train_examples = len(epochs) * min(len(unit_data.train_x),
+                                           steps * unit_cfg["train"]["batch_size"])
+        test_examples = len(trainer.test_x)
+        for phase, result, examples, mult in (("train", train, train_examples, 3),
+                                              ("infer", infer, test_examples, 1)):
+            per_s = examples / result["median_s"]
+            rows.append({
+                "config": cfg["name"], "framework": framework, "mode": mode, "phase": phase,
+                "samples_per_s": per_s, "samples_per_s_min": examples / result["max_s"],
+                "samples_per_s_max": examples / result["min_s"],
+                # training ~ 3 forward passes (forward, input gradients, weight gradients)
+                "gflops": per_s * flops * mult / 1e9,
+                "compile_s": result["compile_s"], "repeats": repeats,
+                "median_s": result["median_s"], "examples": examples,
+                "peak_rss_mb": rss.peak / 2**20,
+            })
+        echo(f"  {cfg['name']:<18} {mode:<8} train {rows[-2]['samples_per_s']:>10,.0f}/s  "
+             f"infer {rows[-1]['samples_per_s']:>11,.0f}/s  compile {train['compile_s']:.1f} s")
+    return rows

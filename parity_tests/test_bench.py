@@ -1,0 +1,41 @@
+"""The benchmark's bookkeeping (what it counts and writes), not its speed: tests never time."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bench import measure, report
+from jaxnets.config import load_config
+from jaxnets.data import load_generated
+
+
+def test_forward_flops_from_the_architecture():
+    # 784-512-512-10: 2 (784*512 + 512*512 + 512*10) multiply-adds x 2
+    assert measure.forward_flops(load_config("mlp_fashion")) == 2 * (784 * 512 + 512 * 512
+                                                                     + 512 * 10)
+    # LeNet: conv1 28*28 positions x 6*1*3*3, conv2 10*10 x 16*6*5*5, then 400-120-84-10
+    lenet = 2 * (28 * 28 * 6 * 9 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10)
+    assert measure.forward_flops(load_config("lenet_mnist")) == lenet
+
+
+def test_bench_writes_results(tmp_path):
+    cfg = load_config("spiral_relu")
+    data = load_generated("spiral", cfg["data"]["seed"])
+    rows = measure.bench_config(cfg, data, repeats=2, steps=5,
+                                modes=("jit_step", "scan", "eager"), echo=lambda _: None)
+    assert {(r["mode"], r["phase"]) for r in rows} == {
+        (m, p) for m in ("jit_step", "scan", "eager") for p in ("train", "infer")}
+    for r in rows:
+        assert r["samples_per_s"] > 0 and math.isfinite(r["gflops"]) and r["repeats"] == 2
+        assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
+        assert r["peak_rss_mb"] > 0 and r["compile_s"] >= 0
+    assert next(r for r in rows if r["phase"] == "train")["examples"] == 5 * 3000
+    machine = report.machine_info("cpu", {"jax_gflops": 10.0, "torch_gflops": 20.0,
+                                          "matmul_peak_gflops": 20.0})
+    report.write(tmp_path, machine, rows, "jaxnets bench spiral_relu")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["matmul_peak_gflops"] == 20.0
+    assert all(r["peak_fraction"] == r["gflops"] / 20.0 for r in results["results"])
+    assert "| spiral_relu | scan |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"

@@ -62,8 +62,24 @@ def tolerances(cfg: dict[str, Any], dtype: str, steps: int) -> dict[str, float]:
         lr = cfg["optimizer"]["learning_rate"]
         tol["step"] = 0.1 * lr  # measured: 2.0e-5 for mlp_fashion at lr 1e-3
         tol["trajectory_weights"] = 2 * lr * steps  # worst case: a sign flip at every step
-        tol["trajectory"] = 1e-2  # measured: 3.8e-3 for mlp_fashion over 100 steps
+        # measured: 3.8e-3 for mlp_fashion over 100 steps, while PyTorch against itself
+        # (batches reversed, one thread) stays at ~1e-7: see the README's parity section
+        tol["trajectory"] = 1e-2
     return tol
+
+
+NOISE_MARGIN = 2.0
+
+
+def noise_bound(tolerance: float, floor: float) -> float:
+    """A training step or trajectory passes within its tolerance, or within twice the noise
+    floor where that is larger. Training amplifies rounding: over many steps (a max-pool
+    window whose two largest values differ by a rounding error routes its gradient to either),
+    and in one step through Adam's lr g / (|g| + eps) on tiny gradients. So two correct float32
+    implementations can differ by as much as PyTorch differs from itself when only its
+    summation order and kernels change. The floor is measured in the same run, never assumed;
+    in float64 it is ~1e-15 and the fixed tolerances decide."""
+    return max(tolerance, NOISE_MARGIN * floor)
 
 
 @dataclass
@@ -76,6 +92,8 @@ class Check:
     passed: bool
     first_divergent_layer: str | None = None
     detail: str = ""
+    # how far PyTorch drifts from itself when only the rounding changes (each batch reversed)
+    noise_floor: float | None = None
 
 
 def diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -100,7 +118,7 @@ def layer_of(param_name: str) -> str:
 
 
 def _named_check(cfg, check, pairs: list[tuple[str, np.ndarray, np.ndarray]], tol,
-                 detail: str = "") -> Check:
+                 detail: str = "", noise_floor: float | None = None) -> Check:
     """One check over named tensor pairs (in model order); the first over ``tol`` is named."""
     worst_abs, worst_rel, first = 0.0, 0.0, None
     for name, a, b in pairs:
@@ -109,7 +127,8 @@ def _named_check(cfg, check, pairs: list[tuple[str, np.ndarray, np.ndarray]], to
         if first is None and not abs_d <= tol:
             first = name
             detail = detail or f"{name}: max-abs difference {abs_d:.3g}"
-    return Check(cfg["name"], check, worst_abs, worst_rel, tol, first is None, first, detail)
+    return Check(cfg["name"], check, worst_abs, worst_rel, tol, first is None, first, detail,
+                 noise_floor)
 
 
 def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Dataset:
@@ -119,15 +138,31 @@ def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Datase
                    dataset.train_y[:count], dataset.test_x[:count], dataset.test_y[:count])
 
 
+def other_kernels():
+    """PyTorch with oneDNN (mkldnn) off: its native CPU convolution kernels, which round
+    differently. The noise trainer trains inside this context."""
+    import torch
+
+    return torch.backends.mkldnn.flags(enabled=False)
+
+
 def twins(cfg, dataset, dtype, device, converter):
+    """A JAX and a PyTorch trainer from the same weights, and a second PyTorch trainer from
+    those weights that sees every batch in reverse order and trains with oneDNN off (PyTorch's
+    other CPU convolution kernels; see :func:`other_kernels`): same mathematics, other float
+    rounding. How far PyTorch drifts from itself that way is the noise floor below which no
+    port can be asked to agree (see :func:`noise_bound`)."""
     from jaxnets.train import Trainer as JaxTrainer
     from torchref.train import Trainer as TorchTrainer
 
-    torch_side = TorchTrainer(cfg, dataset, dtype=dtype,
-                              device="cuda" if device == "gpu" else "cpu")
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    torch_side = TorchTrainer(cfg, dataset, dtype=dtype, device=torch_device)
+    noise = TorchTrainer(cfg, dataset, dtype=dtype, device=torch_device)
+    noise.model.load_state_dict(torch_side.model.state_dict())
+    noise.reverse_batches = True
     jax_side = JaxTrainer(cfg, dataset, dtype=dtype)
     jax_side.load_weights(converter(torch_side.weights()))
-    return jax_side, torch_side
+    return jax_side, torch_side, noise
 
 
 def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
@@ -138,7 +173,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     tol = tolerances(cfg, dtype, steps)
     checks = []
     batch = probe_batch(cfg, dataset)
-    jax_side, torch_side = twins(cfg, batch, dtype, device, converter)
+    jax_side, torch_side, _ = twins(cfg, batch, dtype, device, converter)
     jax_x, jax_y, _, _ = model_arrays(batch, cfg, "jax")
     torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
     jax_x, torch_x = jax_x.astype(dtype), torch_x.astype(dtype)
@@ -167,13 +202,17 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     # one optimizer step on that batch (one full batch: batch_size = the batch)
     step_cfg = copy.deepcopy(cfg)
     step_cfg["train"]["batch_size"] = len(batch.train_x)
-    jax_side, torch_side = twins(step_cfg, batch, dtype, device, converter)
+    jax_side, torch_side, noise = twins(step_cfg, batch, dtype, device, converter)
     jax_side.train_epoch(0, progress=False)
     torch_side.train_epoch(0, progress=False)
+    with other_kernels():
+        noise.train_epoch(0, progress=False)
     after = convert.flax_to_torch(jax_side.weights())
+    reference, noisy = torch_side.weights(), noise.weights()
+    floor = max(diffs(noisy[name], w)[0] for name, w in reference.items())
     checks.append(_named_check(cfg, "step", [
-        (layer_of(name), after[name], w) for name, w in torch_side.weights().items()],
-        tol["step"]))
+        (layer_of(name), after[name], w) for name, w in reference.items()],
+        noise_bound(tol["step"], floor), noise_floor=floor))
 
     # a K-step trajectory on identical batches
     bs = cfg["train"]["batch_size"]
@@ -181,23 +220,30 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     traj_data = Dataset(dataset.name, dataset.source, dataset.train_x[:limit],
                         dataset.train_y[:limit], dataset.test_x[:1], dataset.test_y[:1])
     per_epoch = math.ceil(limit / bs)
-    jax_side, torch_side = twins(cfg, traj_data, dtype, device, converter)
+    jax_side, torch_side, noise = twins(cfg, traj_data, dtype, device, converter)
     epochs = range(math.ceil(steps / per_epoch))
-    jax_losses = np.concatenate([s.step_losses for s in jax_side.train_epochs(epochs, False)])
-    torch_losses = np.concatenate([s.step_losses for s in torch_side.train_epochs(epochs,
-                                                                                   False)])
-    jax_losses, torch_losses = jax_losses[:steps], torch_losses[:steps]
-    per_step = np.abs(jax_losses.astype(np.float64) - torch_losses)
-    first_bad = np.flatnonzero(~(per_step <= tol["trajectory"]))
+    jax_losses, torch_losses = (
+        np.concatenate([s.step_losses for s in t.train_epochs(epochs, False)])[:steps]
+        .astype(np.float64) for t in (jax_side, torch_side))
+    with other_kernels():
+        noise_losses = np.concatenate([s.step_losses for s in noise.train_epochs(epochs, False)
+                                       ])[:steps].astype(np.float64)
+    per_step = np.abs(jax_losses - torch_losses)
+    floor = float(np.abs(noise_losses - torch_losses).max())
+    bound = noise_bound(tol["trajectory"], floor)
+    first_bad = np.flatnonzero(~(per_step <= bound))
     checks.append(Check(
         cfg["name"], f"trajectory_{len(per_step)}_steps", float(per_step.max()),
-        diffs(jax_losses, torch_losses)[1], tol["trajectory"], not len(first_bad), None,
+        diffs(jax_losses, torch_losses)[1], bound, not len(first_bad), None,
         f"per-step loss difference: step 1 {per_step[0]:.3g}, last {per_step[-1]:.3g}"
-        + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else "")))
-    final = convert.flax_to_torch(jax_side.weights())
+        + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else ""),
+        floor))
+    final, reference, noisy = (convert.flax_to_torch(jax_side.weights()), torch_side.weights(),
+                               noise.weights())
+    floor = max(diffs(noisy[name], w)[0] for name, w in reference.items())
     checks.append(_named_check(cfg, f"trajectory_{len(per_step)}_steps_weights", [
-        (layer_of(name), final[name], w) for name, w in torch_side.weights().items()],
-        tol["trajectory_weights"]))
+        (layer_of(name), final[name], w) for name, w in reference.items()],
+        noise_bound(tol["trajectory_weights"], floor), noise_floor=floor))
     return checks
 
 

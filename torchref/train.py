@@ -48,6 +48,7 @@ class Trainer:
         self.dtype, self.device = getattr(torch, dtype), torch.device(device)
         self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
         self.model.to(device=self.device, dtype=self.dtype)
+        self.reverse_batches = False
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.loss_fn = LOSSES[cfg["train"]["loss"]]()
         self.num_correct = METRICS[cfg["train"]["metric"]]
@@ -77,7 +78,10 @@ class Trainer:
         with tqdm(batches, desc=f"torch {describe(epochs)}", leave=False,
                   disable=not progress) as bar:
             for step, idx in enumerate(bar, 1):
-                index = torch.from_numpy(idx).to(self.device)
+                # reverse_batches: the same batches, each in reverse order (same mean, other
+                # rounding): parity's measure of float32 noise
+                index = torch.from_numpy(idx[::-1].copy() if self.reverse_batches else idx
+                                         ).to(self.device)
                 x, y = self.train_x[index], self.train_y[index]
                 self.optimizer.zero_grad()
                 outputs = self.model(x)

@@ -27,6 +27,9 @@ import psutil
 from jaxnets.data import Dataset
 
 MATMUL_SIZE = 2048
+# jit_step: a jitted call per step, batches gathered on the device; scan: an epoch per call;
+# stream: a jitted call per step on batches gathered on the host, prefetched two ahead
+JAX_MODES = ("jit_step", "scan", "stream")
 
 
 class PeakRSS:
@@ -128,8 +131,8 @@ def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict,
 
 
 def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
-                 device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "eager",
-                                                                 "compile"),
+                 device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "stream",
+                                                                 "eager", "compile"),
                  echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train and inference measurements for every mode of one config."""
     import torch
@@ -144,14 +147,15 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
     sync = _torch_sync(device)
     torch_device = "cuda" if device == "gpu" else "cpu"
     for mode in modes:
-        framework = "jax" if mode in ("jit_step", "scan") else "torch"
+        framework = "jax" if mode in JAX_MODES else "torch"
         try:
             with PeakRSS() as rss:
                 if framework == "jax":
                     trainer = JaxTrainer(unit_cfg, unit_data)
 
-                    def train_unit(t=trainer, scan=(mode == "scan")):
-                        return t.train_epochs(epochs, progress=False, scan=scan)
+                    def train_unit(t=trainer, mode=mode):
+                        return t.train_epochs(epochs, progress=False, scan=(mode == "scan"),
+                                              stream=(mode == "stream"))
 
                     train = timed(train_unit, repeats, lambda: None)
                     infer = timed(trainer.evaluate, repeats, lambda: None)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from jaxnets.report import write_json
 
-MODES = ("jit_step", "scan", "eager", "compile")
+MODES = ("jit_step", "scan", "stream", "eager", "compile")
 
 
 def machine_info(device: str, peak: dict[str, float]) -> dict[str, Any]:
@@ -81,14 +81,14 @@ def markdown(machine: dict[str, Any], rows: list[dict], command: str) -> str:
                     f"({r['samples_per_s_min']:,.0f}-{r['samples_per_s_max']:,.0f}) | "
                     f"{r['gflops']:.2f} | {100 * r['peak_fraction']:.1f} | "
                     f"{r['compile_s']:.2f} | {r['peak_rss_mb']:.0f} |")
-        lines += ["", "| config | scan / eager | jit_step / eager | scan / compile |",
-                  "|---|---:|---:|---:|"]
+        lines += ["", "| config | scan / eager | jit_step / eager | stream / jit_step | "
+                  "scan / compile |", "|---|---:|---:|---:|---:|"]
         for config in configs:
             def ratio(a, b, config=config, phase=phase):
                 ra, rb = _row(rows, config, a, phase), _row(rows, config, b, phase)
                 return f"{ra['samples_per_s'] / rb['samples_per_s']:.2f}x" if ra and rb else "-"
             lines.append(f"| {config} | {ratio('scan', 'eager')} | {ratio('jit_step', 'eager')}"
-                         f" | {ratio('scan', 'compile')} |")
+                         f" | {ratio('stream', 'jit_step')} | {ratio('scan', 'compile')} |")
         lines.append("")
     errors = [r for r in rows if "error" in r]
     if errors:

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
     bench.add_argument("--steps", type=int, default=100, help="training steps per timed run")
-    bench.add_argument("--modes", default="jit_step,scan,eager,compile",
-                       help="comma-separated subset of jit_step,scan (JAX), eager,compile "
-                            "(PyTorch)")
+    bench.add_argument("--modes", default="jit_step,scan,stream,eager,compile",
+                       help="comma-separated subset of jit_step,scan,stream (JAX), "
+                            "eager,compile (PyTorch)")
     bench.add_argument("--dataset", default="fashion_mnist",
                        help="data for the image configs (default fashion_mnist)")
     bench.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
@@ -216,11 +216,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _require_torch()
     _setup_backends("float32", args.device)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    unknown = set(modes) - {"jit_step", "scan", "eager", "compile"}
+    unknown = set(modes) - {"jit_step", "scan", "stream", "eager", "compile"}
     if unknown or args.repeats < 1 or args.steps < 1:
         raise ConfigError(f"--modes {args.modes!r}, --repeats {args.repeats}, --steps "
-                          f"{args.steps}: modes are jit_step, scan, eager, compile; repeats "
-                          f"and steps at least 1")
+                          f"{args.steps}: modes are jit_step, scan, stream, eager, compile; "
+                          f"repeats and steps at least 1")
     from bench import measure, report
 
     peak = measure.matmul_peak(args.repeats, args.device)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import queue
 import socket
 import struct
+import threading
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,6 +330,33 @@ def model_arrays(dataset: Dataset, cfg: dict[str, Any], framework: str
             prepare_targets(dataset.train_y, loss),
             preprocess(dataset.test_x, data_cfg, layout),
             prepare_targets(dataset.test_y, loss))
+
+
+def prefetch(items: Iterable, size: int = 2) -> Iterator:
+    """Yield ``items`` while a background thread produces the next ``size`` of them (the
+    sources' asynchronous loader): gathering and transferring batch k+1 and k+2 overlaps the
+    training step on batch k. An exception in the producer is raised in the consumer."""
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                buffer.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            buffer.put(_Failure(exc))
+        buffer.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := buffer.get()) is not done:
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
+
+
+@dataclass
+class _Failure:
+    error: BaseException
 
 
 def prepare_targets(y: np.ndarray, loss: str) -> np.ndarray:

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxnets.convert import flat_arrays, flax_params, load_flax_params
-from jaxnets.data import Dataset, epoch_batches, model_arrays
+from jaxnets.data import Dataset, epoch_batches, model_arrays, prefetch
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
 from jaxnets.optim import make_optimizer
@@ -55,9 +55,10 @@ class Trainer:
         self.params = params
         self.opt_state = self.optimizer.init(params)
         # the whole dataset goes to the device once; epochs gather their batches there
-        arrays = model_arrays(dataset, cfg, "jax")
-        self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(
-            [a.astype(dtype) if a.dtype.kind == "f" else a for a in arrays])
+        arrays = [a.astype(dtype) if a.dtype.kind == "f" else a
+                  for a in model_arrays(dataset, cfg, "jax")]
+        self.host_x, self.host_y = arrays[0], arrays[1]  # for the streaming path
+        self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
         self._bar = None
         self._compiled: dict = {}
         self.compile_seconds = 0.0
@@ -106,6 +107,13 @@ class Trainer:
                 (params, opt_state), (x_all[idx], y_all[idx]), False)
             return params, opt_state, loss_value, correct
 
+        def batch_step(params, opt_state, x, y):
+            """One step on a batch sent from the host (the ``stream`` path)."""
+            (params, opt_state), (loss_value, correct) = train_step(
+                (params, opt_state), (x, y), False)
+            return params, opt_state, loss_value, correct
+
+        self._train_batch = jax.jit(batch_step)
         self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
         self._train_step = jax.jit(one_step)
         self._eval_batch = jax.jit(eval_batch)
@@ -124,11 +132,13 @@ class Trainer:
         """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
         return self.train_epochs(range(epoch, epoch + 1), progress)[0]
 
-    def train_epochs(self, epochs: range, progress: bool = True, scan: bool = True
-                     ) -> list[EpochStats]:
+    def train_epochs(self, epochs: range, progress: bool = True, scan: bool = True,
+                     stream: bool = False) -> list[EpochStats]:
         """Consecutive epochs; when no epoch has a smaller last batch, all of them run as one
         scan (the toys' 1000 full-batch steps take a few calls, not 1000). ``scan=False``
-        dispatches every step as its own jitted call instead (same numbers, for benchmarks)."""
+        dispatches every step as its own jitted call instead; ``stream=True`` also gathers each
+        batch on the host and sends it to the device two batches ahead (:func:`prefetch`), the
+        path for data that does not fit on the device. Same numbers in every mode."""
         plan = [epoch_batches(self.num_train, self.cfg["train"]["batch_size"], self.cfg["seed"],
                               e, self.cfg["train"]["shuffle"]) for e in epochs]
         if all(rest is None for _, rest in plan):
@@ -142,18 +152,13 @@ class Trainer:
                          leave=False, disable=not progress)
         losses, correct = [], []
         try:
-            for index_batches in ([] if scan else chunks):
-                for idx in jnp.asarray(index_batches, jnp.int32):
-                    self.params, self.opt_state, step_loss, step_correct = self._train_step(
-                        self.params, self.opt_state, self.train_x, self.train_y, idx)
-                    losses.append(step_loss[None])
-                    correct.append(step_correct[None])
-                    self._bar.update(1)
-            for index_batches in (chunks if scan else []):
-                run = self._compiled_epoch(index_batches.shape, progress)
-                self.params, self.opt_state, step_losses, step_correct = run(
-                    self.params, self.opt_state, self.train_x, self.train_y,
-                    jnp.asarray(index_batches, jnp.int32))
+            if stream:
+                steps = self._stream_steps(plan)
+            elif not scan:
+                steps = self._dispatch_steps(chunks)
+            else:
+                steps = self._scan_steps(chunks, progress)
+            for step_losses, step_correct in steps:
                 losses.append(step_losses)
                 correct.append(step_correct)
             losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
@@ -163,6 +168,34 @@ class Trainer:
             self._bar = None
         seconds = time.perf_counter() - start - (self.compile_seconds - compiled_before)
         return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
+
+    def _scan_steps(self, chunks: list[np.ndarray], tick: bool):
+        """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk."""
+        for index_batches in chunks:
+            run = self._compiled_epoch(index_batches.shape, tick)
+            self.params, self.opt_state, step_losses, step_correct = run(
+                self.params, self.opt_state, self.train_x, self.train_y,
+                jnp.asarray(index_batches, jnp.int32))
+            yield step_losses, step_correct
+
+    def _dispatch_steps(self, chunks: list[np.ndarray]):
+        """Every step its own jitted call, gathering its batch from the on-device dataset."""
+        for index_batches in chunks:
+            for idx in jnp.asarray(index_batches, jnp.int32):
+                self.params, self.opt_state, step_loss, step_correct = self._train_step(
+                    self.params, self.opt_state, self.train_x, self.train_y, idx)
+                self._bar.update(1)
+                yield step_loss[None], step_correct[None]
+
+    def _stream_steps(self, plan):
+        """Every step its own jitted call on a batch gathered on the host and sent ahead."""
+        batches = ((jax.device_put(self.host_x[idx]), jax.device_put(self.host_y[idx]))
+                   for full, rest in plan for idx in (*full, *([] if rest is None else [rest])))
+        for x, y in prefetch(batches):
+            self.params, self.opt_state, step_loss, step_correct = self._train_batch(
+                self.params, self.opt_state, x, y)
+            self._bar.update(1)
+            yield step_loss[None], step_correct[None]
 
     def _compiled_epoch(self, shape: tuple[int, int], tick: bool):
         """The epoch function compiled ahead of time for this batch shape; the compilation

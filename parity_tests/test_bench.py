@@ -23,9 +23,10 @@ def test_bench_writes_results(tmp_path):
     cfg = load_config("spiral_relu")
     data = load_generated("spiral", cfg["data"]["seed"])
     rows = measure.bench_config(cfg, data, repeats=2, steps=5,
-                                modes=("jit_step", "scan", "eager"), echo=lambda _: None)
+                                modes=("jit_step", "scan", "stream", "eager"),
+                                echo=lambda _: None)
     assert {(r["mode"], r["phase"]) for r in rows} == {
-        (m, p) for m in ("jit_step", "scan", "eager") for p in ("train", "infer")}
+        (m, p) for m in ("jit_step", "scan", "stream", "eager") for p in ("train", "infer")}
     for r in rows:
         assert r["samples_per_s"] > 0 and math.isfinite(r["gflops"]) and r["repeats"] == 2
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]

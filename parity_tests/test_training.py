@@ -125,3 +125,30 @@ def test_jaxnets_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "needs PyTorch, which is not installed: pip install torch==2.13.0" in result.stderr
+
+
+def test_scan_dispatch_and_stream_give_identical_steps(fashion, small_cfg):
+    cfg = small_cfg(1050)  # 10 full batches and one of 50
+    dataset = load_dataset(cfg["data"])
+    runs = [JaxTrainer(cfg, dataset).train_epochs(range(2), False, **mode)
+            for mode in ({}, {"scan": False}, {"stream": True})]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert len(a.step_losses) == 11
+            np.testing.assert_array_equal(a.step_losses, b.step_losses)
+
+
+def test_prefetch_keeps_order_and_raises_producer_errors():
+    from jaxnets.data import prefetch
+
+    assert list(prefetch(iter(range(100)), size=2)) == list(range(100))
+
+    def broken():
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [1]

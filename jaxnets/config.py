@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         # Standard deviation of the "normal" init (d2l: N(0, 0.01^2) weights).
         "init_std": 0.01,
         # JAX convolutions: "lax" (lax.conv), "im2col" (matmuls, jaxnets/conv.py) or "auto"
-        # (im2col on the CPU where it was measured faster, lax elsewhere).
+        # (im2col on the CPU, where it was measured faster, lax elsewhere).
         "conv": "auto",
     },
     "optimizer": {

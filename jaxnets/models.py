@@ -76,7 +76,7 @@ def _conv(c_in: int, c_out: int, kernel: int, padding: int, init: str, init_std:
           rngs: nnx.Rngs, impl: str = "lax") -> nnx.Conv:
     """``impl``: "lax", "im2col" or "auto" (``jaxnets.conv``)."""
     extra = ({"conv_general_dilated": conv_general_dilated_im2col}
-             if use_im2col(impl, c_in) else {})
+             if use_im2col(impl) else {})
     return nnx.Conv(c_in, c_out, (kernel, kernel), padding=((padding, padding),) * 2, rngs=rngs,
                     **linear_inits(init, c_in * kernel * kernel, init_std), **extra)
 

@@ -76,10 +76,9 @@ def test_max_pool_equals_nnx_with_ties(shape, dtype):
         np.testing.assert_array_equal(g_ours, g_ref)  # same routing: the first maximum
 
 
-def test_auto_picks_im2col_on_the_cpu_for_few_channels():
+def test_auto_picks_im2col_on_the_cpu():
     assert jax.default_backend() == "cpu"
-    assert use_im2col("auto", 1) and use_im2col("auto", 10) and not use_im2col("auto", 20)
-    assert use_im2col("im2col", 20) and not use_im2col("lax", 1)
+    assert use_im2col("auto") and use_im2col("im2col") and not use_im2col("lax")
 
 
 @pytest.mark.parametrize("name", ["lenet_mnist", "simplenet_mnist", "convnet_mnist"])

@@ -101,19 +101,27 @@ def _torch_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "gpu" else (lambda: None)
 
 
-def forward_flops(cfg: dict[str, Any]) -> int:
-    """Multiply-adds x 2 of one example's forward pass, from the layer table: a layer with
-    weights W (parameters less one bias per output channel) applied at P output positions
-    (1 for a Linear, H x W for a conv) costs 2 W P. Activations and pooling are not counted."""
+def layer_flops(cfg: dict[str, Any]) -> list[int]:
+    """Multiply-adds x 2 of one example's forward pass through each weighted layer, from the
+    layer table: weights W (parameters less one bias per output channel) applied at P output
+    positions (1 for a Linear, H x W for a conv) cost 2 W P. Activations and pooling are not
+    counted."""
     from jaxnets.summary import jax_summary
 
-    total = 0
-    for layer in jax_summary(cfg)["layers"]:
-        if layer["params"]:
-            channels = layer["output_shape"][-1]
-            positions = math.prod(layer["output_shape"][1:-1])
-            total += 2 * (layer["params"] - channels) * positions
-    return total
+    return [2 * (layer["params"] - layer["output_shape"][-1])
+            * math.prod(layer["output_shape"][1:-1])
+            for layer in jax_summary(cfg)["layers"] if layer["params"]]
+
+
+def forward_flops(cfg: dict[str, Any]) -> int:
+    return sum(layer_flops(cfg))
+
+
+def training_flops(cfg: dict[str, Any]) -> int:
+    """One example's training step: the forward pass, the weight gradients (as many FLOPs
+    again) and the input gradients of every layer but the first (its input is the data)."""
+    flops = layer_flops(cfg)
+    return 2 * sum(flops) + sum(flops[1:])
 
 
 def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict, Dataset, range]:
@@ -142,7 +150,7 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
     from torchref.train import Trainer as TorchTrainer
 
     unit_cfg, unit_data, epochs = bench_unit(cfg, dataset, steps)
-    flops = forward_flops(cfg)
+    flops = {"train": training_flops(cfg), "infer": forward_flops(cfg)}
     rows = []
     sync = _torch_sync(device)
     torch_device = "cuda" if device == "gpu" else "cpu"
@@ -180,15 +188,14 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
         train_examples = len(epochs) * min(len(unit_data.train_x),
                                            steps * unit_cfg["train"]["batch_size"])
         test_examples = len(trainer.test_x)
-        for phase, result, examples, mult in (("train", train, train_examples, 3),
-                                              ("infer", infer, test_examples, 1)):
+        for phase, result, examples in (("train", train, train_examples),
+                                        ("infer", infer, test_examples)):
             per_s = examples / result["median_s"]
             rows.append({
                 "config": cfg["name"], "framework": framework, "mode": mode, "phase": phase,
                 "samples_per_s": per_s, "samples_per_s_min": examples / result["max_s"],
                 "samples_per_s_max": examples / result["min_s"],
-                # training ~ 3 forward passes (forward, input gradients, weight gradients)
-                "gflops": per_s * flops * mult / 1e9,
+                "gflops": per_s * flops[phase] / 1e9,
                 "compile_s": result["compile_s"], "repeats": repeats,
                 "median_s": result["median_s"], "examples": examples,
                 "peak_rss_mb": rss.peak / 2**20,

@@ -64,7 +64,8 @@ def markdown(machine: dict[str, Any], rows: list[dict], command: str) -> str:
         f"(JAX {machine['jax_gflops']:.1f}, PyTorch {machine['torch_gflops']:.1f}).", "",
         "Samples/s are medians over the repeats (min-max in brackets); compile is the warm-up "
         "run's excess over the median; % peak is achieved GFLOP/s over the matmul peak; "
-        "training counts 3 forward passes of FLOPs per example. JAX inference is the same "
+        "a training step counts forward + weight gradients + input gradients of all layers "
+        "but the first. JAX inference is the same "
         "jitted evaluation in both JAX modes.", "",
     ]
     for phase in ("train", "infer"):

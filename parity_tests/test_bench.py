@@ -15,8 +15,11 @@ def test_forward_flops_from_the_architecture():
     assert measure.forward_flops(load_config("mlp_fashion")) == 2 * (784 * 512 + 512 * 512
                                                                      + 512 * 10)
     # LeNet: conv1 28*28 positions x 6*1*3*3, conv2 10*10 x 16*6*5*5, then 400-120-84-10
-    lenet = 2 * (28 * 28 * 6 * 9 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10)
-    assert measure.forward_flops(load_config("lenet_mnist")) == lenet
+    lenet = [2 * 28 * 28 * 6 * 9, 2 * 10 * 10 * 16 * 150, 2 * 400 * 120, 2 * 120 * 84,
+             2 * 84 * 10]
+    assert measure.forward_flops(load_config("lenet_mnist")) == sum(lenet)
+    # training: forward, weight gradients, and input gradients of all but the first layer
+    assert measure.training_flops(load_config("lenet_mnist")) == 2 * sum(lenet) + sum(lenet[1:])
 
 
 def test_bench_writes_results(tmp_path):

@@ -134,8 +134,7 @@ def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict,
         return cfg, dataset, range(steps)
     limit = min(n, steps * bs)
     cfg["train"]["shuffle"] = True
-    return cfg, Dataset(dataset.name, dataset.source, dataset.train_x[:limit],
-                        dataset.train_y[:limit], dataset.test_x, dataset.test_y), range(1)
+    return cfg, dataset.head(limit), range(1)
 
 
 def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,

@@ -185,23 +185,32 @@ def _setup_backends(dtype: str, device: str) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _cmd_parity(args: argparse.Namespace) -> int:
+def _configs_on_images(names: list[str], dataset: str, data_dir: str | None = None
+                       ) -> list[dict]:
+    """The named configs (default: all), the image ones switched to ``dataset``: parity and
+    bench need realistic inputs, not a particular dataset."""
     from jaxnets.config import available_configs, load_config
     from jaxnets.data import IMAGE_DATASETS
+
+    cfgs = []
+    for name in names or list(available_configs()):
+        cfg = load_config(name)
+        if cfg["data"]["dataset"] in IMAGE_DATASETS:
+            extra = [f'data.dataset="{dataset}"']
+            if data_dir:
+                extra.append(f'data.data_dir="{Path(data_dir).expanduser()}"')
+            cfg = load_config(name, extra)
+        cfgs.append(cfg)
+    return cfgs
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
 
     _require_torch()
     _setup_backends(args.dtype, args.device)
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: give at least 1 step")
-    cfgs = []
-    for name in args.configs or list(available_configs()):
-        cfg = load_config(name)
-        if cfg["data"]["dataset"] in IMAGE_DATASETS:
-            extra = [f'data.dataset="{args.dataset}"']
-            if args.data_dir:
-                extra.append(f'data.data_dir="{Path(args.data_dir).expanduser()}"')
-            cfg = load_config(name, extra)
-        cfgs.append(cfg)
+    cfgs = _configs_on_images(args.configs, args.dataset, args.data_dir)
     from torchref.parity import run_parity
 
     report = run_parity(cfgs, Path(args.out or "runs/parity"), args.dtype, args.device,
@@ -210,8 +219,7 @@ def _cmd_parity(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from jaxnets.config import available_configs, load_config
-    from jaxnets.data import IMAGE_DATASETS, load_dataset
+    from jaxnets.data import load_dataset
 
     _require_torch()
     _setup_backends("float32", args.device)
@@ -227,10 +235,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
           f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
     rows = []
-    for name in args.configs or list(available_configs()):
-        cfg = load_config(name)
-        if cfg["data"]["dataset"] in IMAGE_DATASETS:
-            cfg = load_config(name, [f'data.dataset="{args.dataset}"'])
+    for cfg in _configs_on_images(args.configs, args.dataset):
         rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
                                      args.device, modes)
     out = Path(args.out or "runs/bench")

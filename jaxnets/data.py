@@ -21,7 +21,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ class Dataset:
     @property
     def num_train(self) -> int:
         return len(self.train_x)
+
+    def head(self, train: int, test: int | None = None) -> Dataset:
+        """The first ``train`` training and ``test`` test examples (all test ones if None)."""
+        return replace(self, train_x=self.train_x[:train], train_y=self.train_y[:train],
+                       test_x=self.test_x[:test], test_y=self.test_y[:test])
 
 
 # ----------------------------------------------------------------------------- IDX files

@@ -96,11 +96,11 @@ class Trainer:
             outputs = apply(params, x)
             return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
 
-        def gradients(params, x, y):
-            return jax.grad(lambda p: loss_fn(apply(p, x), y))(params)
+        def loss_and_gradients(params, x, y):
+            return jax.value_and_grad(lambda p: loss_fn(apply(p, x), y))(params)
 
         self.apply = jax.jit(apply)
-        self._gradients = jax.jit(gradients)
+        self._loss_and_gradients = jax.jit(loss_and_gradients)
         def one_step(params, opt_state, x_all, y_all, idx):
             """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
             (params, opt_state), (loss_value, correct) = train_step(
@@ -229,8 +229,8 @@ class Trainer:
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
         """The loss of one batch and its gradient for every parameter (Flax names, layouts)."""
-        loss = LOSSES[self.cfg["train"]["loss"]](self.apply(self.params, x), y)
-        return float(loss), flat_arrays(self._gradients(self.params, x, y))
+        loss, grads = self._loss_and_gradients(self.params, x, y)
+        return float(loss), flat_arrays(grads)
 
     def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """Every step's output (NHWC where 4-D), with the current parameters."""

@@ -138,8 +138,7 @@ def _named_check(cfg, check, pairs: list[tuple[str, np.ndarray, np.ndarray]], to
 def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Dataset:
     """The first ``size`` training examples (all of them for the full-batch toys)."""
     count = len(dataset.train_x) if cfg["train"]["batch_size"] >= len(dataset.train_x) else size
-    return Dataset(dataset.name, dataset.source, dataset.train_x[:count],
-                   dataset.train_y[:count], dataset.test_x[:count], dataset.test_y[:count])
+    return dataset.head(count, count)
 
 
 def other_kernels():
@@ -224,8 +223,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     # a K-step trajectory on identical batches
     bs = cfg["train"]["batch_size"]
     limit = min(len(dataset.train_x), steps * bs)
-    traj_data = Dataset(dataset.name, dataset.source, dataset.train_x[:limit],
-                        dataset.train_y[:limit], dataset.test_x[:1], dataset.test_y[:1])
+    traj_data = dataset.head(limit, 1)
     per_epoch = math.ceil(limit / bs)
     jax_side, torch_side, noise = twins(cfg, traj_data, dtype, device, converter)
     epochs = range(math.ceil(steps / per_epoch))

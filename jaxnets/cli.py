@@ -14,8 +14,9 @@ from pathlib import Path
 from jaxnets.errors import ConfigError, JaxnetsError
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a name from configs/ (see `jaxnets list`) or a TOML file")
+def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if config_optional else None,
+                   help="a name from configs/ (see `jaxnets list`) or a TOML file")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--train-limit", type=int, metavar="N",
                    help="use only the first N training examples")
@@ -35,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="the experiments, one line each")
     train = sub.add_parser("train", help="train one config in one framework")
-    _add_run_options(train)
-    train.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    _add_run_options(train, config_optional=True)
+    train.add_argument("--framework", choices=("jax", "torch"),
+                       help="default jax (on --resume: the checkpoint's)")
+    train.add_argument("--save-every", type=int, default=0, metavar="N",
+                       help="save a checkpoint every N epochs (always after the last)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR (its latest checkpoint, or a checkpoint "
+                            "directory) to the same weights an uninterrupted run reaches")
     compare = sub.add_parser("compare", help="train in JAX and PyTorch side by side (main job)")
     _add_run_options(compare)
     summary = sub.add_parser("summary", help="every layer's output shape and parameter count, "
@@ -65,6 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", default="fashion_mnist",
                        help="data for the image configs (default fashion_mnist)")
     bench.add_argument("--out", metavar="DIR", help="output directory (default runs/bench)")
+    reproduce = sub.add_parser("reproduce", help="run every experiment at full length in both "
+                               "frameworks; one table against the sources' results")
+    reproduce.add_argument("configs", nargs="*", metavar="CONFIG", help="default: every config")
+    reproduce.add_argument("--dataset", help="image data for the image experiments (default: "
+                           "each config's, Fashion-MNIST where MNIST is unavailable)")
+    reproduce.add_argument("--data-dir", metavar="DIR", help="a directory holding the IDX files")
+    reproduce.add_argument("--out", metavar="DIR", help="output directory (default "
+                           "runs/reproduce)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict = sub.add_parser("predict", help="label images with a trained model (either "
+                             "framework)")
+    predict.add_argument("run_dir", metavar="RUN_DIR",
+                         help="the --out directory of `jaxnets train` or `compare`, or a "
+                              "checkpoint")
+    predict.add_argument("--images", required=True, metavar="FILE|DIR",
+                         help="an IDX image file (.gz or not), a PNG, or a directory of PNGs "
+                              "(28x28 grey)")
+    predict.add_argument("--limit", type=int, default=0, metavar="N",
+                         help="only the first N images")
+    predict.add_argument("--framework", choices=("jax", "torch"),
+                         help="which framework runs the model (default: the weights')")
+    predict.add_argument("--weights", metavar="FILE",
+                         help="weights to use instead of the run's (safetensors, or a .pt "
+                              "state_dict read with weights_only=True)")
+    predict.add_argument("--out", metavar="FILE",
+                         help="CSV to write (default RUN_DIR/predictions.csv)")
+    predict.add_argument("--show", type=int, default=20, metavar="N",
+                         help="print the first N predictions (default 20)")
     convert = sub.add_parser("convert", help="convert weights between PyTorch and Flax names "
                              "and layouts (safetensors out)")
     convert.add_argument("--from", dest="source", choices=("torch", "jax"), required=True)
@@ -104,24 +139,66 @@ def _require_torch() -> None:
                            "pip install torch==2.13.0") from None
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``section.key: old -> new`` for every config value that differs."""
+    changes = []
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            changes += _changed_keys(old.get(key, {}), value, f"{dotted}.")
+        elif old.get(key) != value:
+            changes.append(f"{dotted}: {old.get(key)!r} -> {value!r}")
+    return changes
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jaxnets.config import load_config
+    from jaxnets import checkpoint
+    from jaxnets.config import config_from_dict, load_config
     from jaxnets.data import load_dataset
+    from jaxnets.figures import run_figures
     from jaxnets.runner import fit
 
-    cfg = load_config(args.config, _overrides(args))
-    out = Path(args.out or f"runs/{cfg['name']}/{args.framework}")
+    if args.save_every < 0:
+        raise ConfigError(f"--save-every {args.save_every}: give 0 (only at the end) or more")
+    resume = None
+    if args.resume:
+        if args.config:
+            raise ConfigError(f"give a CONFIG or --resume, not both: the run in {args.resume} "
+                              f"keeps its config (change keys with --set)")
+        resume = checkpoint.load(args.resume)
+        cfg = config_from_dict(resume.meta["config"], _overrides(args),
+                               origin=str(resume.path / "meta.json"))
+        framework = resume.meta["framework"]
+        if args.framework and args.framework != framework:
+            raise ConfigError(f"--framework {args.framework}: the checkpoint in {resume.path} "
+                              f"was trained in {framework}")
+        out = Path(args.out) if args.out else resume.path.parent.parent
+        for change in _changed_keys(resume.meta["config"], cfg):
+            print(f"note: config changed on resume, {change}", file=sys.stderr)
+        members = [cfg]  # an ensemble member resumes on its own
+    elif not args.config:
+        raise ConfigError("give a CONFIG (see `jaxnets list`) or --resume DIR")
+    else:
+        cfg = load_config(args.config, _overrides(args))
+        framework = args.framework or "jax"
+        out = Path(args.out or f"runs/{cfg['name']}/{framework}")
+        members = [{**cfg, "seed": cfg["seed"] + m} for m in range(cfg["train"]["ensemble"])]
     dataset = load_dataset(cfg["data"])
-    if args.framework == "torch":
+    if framework == "torch":
         _require_torch()
         from torchref.train import Trainer
     else:
         from jaxnets.train import Trainer
-    size = cfg["train"]["ensemble"]
-    for member in range(size):  # an ensemble trains differently seeded models, one by one
-        member_cfg = {**cfg, "seed": cfg["seed"] + member}
-        member_out = out / f"seed{member_cfg['seed']}" if size > 1 else out
-        fit(Trainer(member_cfg, dataset), member_cfg, member_out, progress=not args.quiet)
+    for member_cfg in members:  # an ensemble trains differently seeded models, one by one
+        member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
+        trainer = Trainer(member_cfg, dataset)
+
+        def figures(where, rows, trainer=trainer, member_cfg=member_cfg):
+            return run_figures(where, member_cfg, dataset, {framework: rows},
+                               {framework: [trainer.predict]})
+
+        fit(trainer, member_cfg, member_out, progress=not args.quiet,
+            save_every=args.save_every, resume=resume, figures=figures)
     return 0
 
 
@@ -245,6 +322,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    _require_torch()
+    _setup_backends("float32", "cpu")
+    from torchref.reproduce import reproduce
+
+    reproduce(args.configs, Path(args.out or "runs/reproduce"), args.dataset, args.data_dir,
+              progress=not args.quiet)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from jaxnets.predict import predict
+
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: give 0 (all images) or more")
+    result = predict(args.run_dir, args.images, args.limit, args.framework, args.weights,
+                     args.out)
+    rows = result["rows"]
+    for row in rows[:args.show]:
+        truth = "" if row["true"] is None else f"  (true {row['true']})"
+        print(f"{row['image']:<32} {row['predicted']}  {row['class']:<12} "
+              f"{row['confidence']:.3f}{truth}")
+    if len(rows) > args.show:
+        print(f"... {len(rows) - args.show} more")
+    accuracy = result["accuracy"]
+    print(f"{len(rows)} images labelled by the {result['framework']} model"
+          + ("" if accuracy is None else f"; accuracy {100 * accuracy:.2f} % against the "
+             f"labels beside the images") + f"; predictions: {result['csv']}")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from jaxnets.convert import convert_file
 
@@ -256,7 +364,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
             "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity,
-            "bench": _cmd_bench}
+            "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,8 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxnets: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("jaxnets: interrupted", file=sys.stderr)
+        print("jaxnets: interrupted (finished checkpoints are kept; continue a training run "
+              "with `jaxnets train --resume DIR`)", file=sys.stderr)
         return 130
+    except OSError as exc:  # e.g. an output directory that cannot be written
+        if args.debug:
+            traceback.print_exc()
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"jaxnets: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,3 +26,7 @@ class ConversionError(JaxnetsError):
 
 class CheckpointError(JaxnetsError):
     """A checkpoint cannot be written or read."""
+
+
+class TrainingError(JaxnetsError):
+    """Training cannot go on (a non-finite loss, with ``train.on_nonfinite = "stop"``)."""

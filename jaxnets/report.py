@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxnets.errors import TrainingError
+
 
 @dataclass
 class EpochStats:
@@ -22,6 +24,7 @@ class EpochStats:
     seconds: float
     test_loss: float | None = None  # None: not evaluated after this epoch (eval_every)
     test_accuracy: float | None = None
+    skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite = "skip")
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -30,6 +33,7 @@ class EpochStats:
             "test_loss": self.test_loss,
             "test_accuracy": self.test_accuracy,
             "seconds": self.seconds,
+            "skipped_steps": self.skipped,
         }
 
 
@@ -52,8 +56,9 @@ def split_epochs(step_losses: np.ndarray, step_correct: np.ndarray,
     """Per-step results of consecutive epochs -> one :class:`EpochStats` per epoch.
 
     ``plan``: each epoch's ``(full, rest)`` index batches (``jaxnets.data.epoch_batches``).
-    The epoch's loss and accuracy are averaged over examples; the seconds are shared out in
-    proportion to the steps.
+    The epoch's loss and accuracy are averaged over examples (the loss over the steps whose
+    loss is finite: the others were skipped); the seconds are shared out in proportion to the
+    steps.
     """
     stats, offset = [], 0
     total_steps = sum(len(full) + (rest is not None) for full, rest in plan)
@@ -63,13 +68,36 @@ def split_epochs(step_losses: np.ndarray, step_correct: np.ndarray,
         losses = np.asarray(step_losses[offset:offset + steps], np.float32)
         correct = np.asarray(step_correct[offset:offset + steps])
         offset += steps
+        finite = np.isfinite(losses)
         stats.append(EpochStats(
             step_losses=losses,
-            loss=float(np.sum(losses.astype(np.float64) * sizes) / sizes.sum()),
+            loss=float(np.sum(losses[finite].astype(np.float64) * sizes[finite])
+                       / sizes[finite].sum()) if finite.any() else float("nan"),
             accuracy=None if metric == "none" else float(correct.sum() / sizes.sum()),
             seconds=seconds * steps / total_steps,
+            skipped=int(np.sum(~finite)),
         ))
     return stats
+
+
+def check_finite(step_losses: np.ndarray, plan: list[tuple[np.ndarray, np.ndarray | None]],
+                 epochs: range, framework: str) -> None:
+    """Raise :class:`TrainingError` naming the first step whose loss is NaN or Inf.
+
+    ``plan`` and ``epochs`` as for :func:`split_epochs`; epochs and steps are 1-based."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(step_losses)))
+    if not len(bad):
+        return
+    index = int(bad[0])
+    for epoch, (full, rest) in zip(epochs, plan, strict=True):
+        steps = len(full) + (rest is not None)
+        if index < steps:
+            break
+        index -= steps
+    raise TrainingError(
+        f"{framework}: the loss is {float(step_losses[bad[0]])} at epoch {epoch + 1}, step "
+        f"{index + 1}; training stopped (train.on_nonfinite = \"stop\"; set it to \"skip\" "
+        f"to skip such steps, or lower optimizer.learning_rate)")
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

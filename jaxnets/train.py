@@ -18,11 +18,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxnets.convert import flat_arrays, flax_params, load_flax_params
-from jaxnets.data import Dataset, epoch_batches, model_arrays, prefetch
+from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
 from jaxnets.optim import make_optimizer
-from jaxnets.report import EpochStats, describe, split_epochs
+from jaxnets.errors import CheckpointError
+from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 
 DTYPES = ("float32", "float64")
 
@@ -64,6 +65,7 @@ class Trainer:
         self.compile_seconds = 0.0
         loss_fn = LOSSES[cfg["train"]["loss"]]
         num_correct = METRICS[cfg["train"]["metric"]]
+        skip_nonfinite = cfg["train"]["on_nonfinite"] == "skip"
 
         def apply(params, x):
             return nnx.merge(graphdef, params)(x)
@@ -77,8 +79,14 @@ class Trainer:
                 return loss_fn(outputs, y), outputs
 
             (loss_value, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if skip_nonfinite:  # a NaN/Inf loss leaves parameters and optimizer state as they were
+                finite = jnp.isfinite(loss_value)
+                new_params, new_opt_state = jax.tree.map(
+                    lambda new, old: jnp.where(finite, new, old),
+                    (new_params, new_opt_state), (params, opt_state))
+            params, opt_state = new_params, new_opt_state
             if tick:
                 jax.debug.callback(self._tick, loss_value)
             return (params, opt_state), (loss_value, num_correct(outputs, y))
@@ -167,6 +175,8 @@ class Trainer:
             self._bar.close()
             self._bar = None
         seconds = time.perf_counter() - start - (self.compile_seconds - compiled_before)
+        if self.cfg["train"]["on_nonfinite"] == "stop":
+            check_finite(losses, plan, epochs, self.framework)
         return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
 
     def _scan_steps(self, chunks: list[np.ndarray], tick: bool):
@@ -226,6 +236,13 @@ class Trainer:
         accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
         return loss_sum / len(x), accuracy
 
+    def predict(self, raw_x: np.ndarray) -> np.ndarray:
+        """Model outputs for raw examples (as a :class:`Dataset` holds them), in batches."""
+        x = preprocess(raw_x, self.cfg["data"], input_layout(self.cfg, "jax")).astype(self.dtype)
+        size = self.cfg["train"]["eval_batch_size"]
+        return np.concatenate([np.asarray(self.apply(self.params, x[i:i + size]))
+                               for i in range(0, len(x), size)]) if len(x) else np.zeros((0,))
+
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
         """The loss of one batch and its gradient for every parameter (Flax names, layouts)."""
@@ -247,3 +264,25 @@ class Trainer:
         load_flax_params(self.model, arrays)
         self.params = nnx.state(self.model)
         self.opt_state = self.optimizer.init(self.params)
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The Optax state as named arrays (the pytree paths), for a checkpoint."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
+        return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+    def restore(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:
+        """Parameters and optimizer state from a checkpoint, bit for bit."""
+        self.load_weights(weights)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
+        expected = {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+        problems = [f"missing {k}" for k in expected if k not in optimizer]
+        problems += [f"unexpected {k}" for k in optimizer if k not in expected]
+        problems += [f"{k}: shape {optimizer[k].shape}, expected {v.shape}"
+                     for k, v in expected.items()
+                     if k in optimizer and optimizer[k].shape != v.shape]
+        if problems:
+            raise CheckpointError(f"the optimizer state does not match {self.cfg['optimizer']['name']}"
+                                  f" for this model ({len(problems)} problems): "
+                                  + "; ".join(problems[:5]))
+        self.opt_state = jax.tree_util.tree_unflatten(
+            treedef, [jnp.asarray(optimizer[k], dtype=v.dtype) for k, v in expected.items()])

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from jaxnets.data import Dataset, epoch_batches, model_arrays
-from jaxnets.report import EpochStats, describe, split_epochs
+from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, preprocess
+from jaxnets.errors import CheckpointError, ConversionError
+from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 from torchref.models import build_model
 from torchref.optim import make_optimizer
 
@@ -86,9 +87,14 @@ class Trainer:
                 self.optimizer.zero_grad()
                 outputs = self.model(x)
                 loss = self.loss_fn(outputs, y)
+                losses.append(loss.item())
+                if not np.isfinite(losses[-1]):
+                    if train["on_nonfinite"] == "stop":
+                        check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
+                    correct.append(self.num_correct(outputs.detach(), y))
+                    continue  # "skip": no update for this step
                 loss.backward()
                 self.optimizer.step()
-                losses.append(loss.item())
                 correct.append(self.num_correct(outputs.detach(), y))
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -111,6 +117,15 @@ class Trainer:
         accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)
         return loss_sum / len(x), accuracy
 
+    @torch.no_grad()
+    def predict(self, raw_x: np.ndarray) -> np.ndarray:
+        """Model outputs for raw examples (as a :class:`Dataset` holds them), in batches."""
+        x = self.tensor(preprocess(raw_x, self.cfg["data"], input_layout(self.cfg, "torch")))
+        size = self.cfg["train"]["eval_batch_size"]
+        self.model.eval()
+        return np.concatenate([self.model(x[i:i + size]).cpu().numpy()
+                               for i in range(0, len(x), size)]) if len(x) else np.zeros((0,))
+
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
         """The loss of one batch and its gradient for every parameter (torch names, layouts)."""
@@ -131,3 +146,43 @@ class Trainer:
     def weights(self) -> dict[str, np.ndarray]:
         """``state_dict`` as NumPy arrays (PyTorch names and layouts)."""
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the parameters (PyTorch names and layouts) and restart the optimizer."""
+        expected = self.model.state_dict()
+        problems = [f"missing {k}" for k in expected if k not in arrays]
+        problems += [f"unexpected {k}" for k in arrays if k not in expected]
+        problems += [f"shape of {k}: model {tuple(v.shape)}, weights {tuple(arrays[k].shape)}"
+                     for k, v in expected.items()
+                     if k in arrays and tuple(arrays[k].shape) != tuple(v.shape)]
+        if problems:
+            raise ConversionError(f"weights do not match {type(self.model).__name__} "
+                                  f"({len(problems)} problems): " + "; ".join(problems))
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
+        self.optimizer = make_optimizer(self.cfg["optimizer"], self.model.parameters())
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The optimizer's per-parameter state as ``{"<index>.<name>": array}``."""
+        return {f"{i}.{name}": value.detach().cpu().numpy().copy()
+                for i, state in self.optimizer.state_dict()["state"].items()
+                for name, value in state.items() if torch.is_tensor(value)}
+
+    def restore(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:
+        """Parameters and optimizer state from a checkpoint, bit for bit."""
+        self.load_weights(weights)
+        count = len(list(self.model.parameters()))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in optimizer.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or int(index) >= count or not name:
+                raise CheckpointError(f"optimizer state entry {key!r} does not fit this model "
+                                      f"({count} parameters)")
+            state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value))
+        groups = self.optimizer.state_dict()["param_groups"]
+        try:
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"the optimizer state does not fit "
+                                  f"{type(self.optimizer).__name__}: {exc}") from None

@@ -103,7 +103,7 @@ def save(out: Path, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndar
         _fsync(tmp / "meta.json")
         _fsync(tmp)
         final = root / name
-        if final.exists():  # an earlier run's checkpoint of the same epoch: moved aside first
+        if final.exists():  # not the one ``latest`` names (see :func:`prepare`): replaced
             old = root / f".old-{name}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
@@ -116,6 +116,28 @@ def save(out: Path, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndar
         raise
     _write_text_atomic(root / "latest", name + "\n")
     return final
+
+
+def prepare(out: Path, resume: Checkpoint | None) -> str | None:
+    """Make ``out/checkpoints`` ready for a run, so that no save ever replaces the checkpoint
+    ``latest`` names. A fresh run moves an earlier run's checkpoints aside (one rename, to
+    ``checkpoints.previous-N``); a run resumed from an older checkpoint first points ``latest``
+    at it. Returns a note for the user, or None."""
+    root = checkpoint_dir(out)
+    if resume is None:
+        if not root.exists():
+            return None
+        n = 1
+        while root.with_name(f"checkpoints.previous-{n}").exists():
+            n += 1
+        os.replace(root, root.with_name(f"checkpoints.previous-{n}"))
+        return f"an earlier run's checkpoints were moved to {root.name}.previous-{n}"
+    if resume.path.parent.resolve() == root.resolve():
+        latest = root / "latest"
+        if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != resume.path.name:
+            _write_text_atomic(latest, resume.path.name + "\n")
+            return f"{latest} now names {resume.path.name}; later checkpoints will be replaced"
+    return None
 
 
 def find(path: str | os.PathLike) -> Path:

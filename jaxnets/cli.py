@@ -7,6 +7,7 @@ code 2 for usage errors, 1 for runtime failures.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _toml_string(value: object) -> str:
+    """A quoted TOML string for ``--set``: JSON's escapes are TOML's (paths with quotes or
+    backslashes survive)."""
+    return json.dumps(str(value))
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.epochs is not None:
@@ -116,9 +123,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.train_limit is not None:
         extra.append(f"data.train_limit={args.train_limit}")
     if args.dataset is not None:
-        extra.append(f'data.dataset="{args.dataset}"')
+        extra.append(f"data.dataset={_toml_string(args.dataset)}")
     if args.data_dir is not None:
-        extra.append(f'data.data_dir="{Path(args.data_dir).expanduser()}"')
+        extra.append(f"data.data_dir={_toml_string(Path(args.data_dir).expanduser())}")
     return [*args.overrides, *extra]
 
 
@@ -273,9 +280,9 @@ def _configs_on_images(names: list[str], dataset: str, data_dir: str | None = No
     for name in names or list(available_configs()):
         cfg = load_config(name)
         if cfg["data"]["dataset"] in IMAGE_DATASETS:
-            extra = [f'data.dataset="{dataset}"']
+            extra = [f"data.dataset={_toml_string(dataset)}"]
             if data_dir:
-                extra.append(f'data.data_dir="{Path(data_dir).expanduser()}"')
+                extra.append(f"data.data_dir={_toml_string(Path(data_dir).expanduser())}")
             cfg = load_config(name, extra)
         cfgs.append(cfg)
     return cfgs

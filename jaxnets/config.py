@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -78,6 +79,9 @@ DEFAULTS: dict[str, Any] = {
         "metric": "accuracy",
         # Train this many differently seeded models (seed, seed + 1, ...), as an ensemble.
         "ensemble": 1,
+        # A NaN or Inf loss: "stop" the run (naming the epoch and step; the last checkpoint is
+        # kept), or "skip" that step (no update) and count it in the epoch's skipped_steps.
+        "on_nonfinite": "stop",
     },
 }
 
@@ -91,10 +95,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("sgd", "adam", "adamw"),
     "train.loss": ("cross_entropy", "mse"),
     "train.metric": ("accuracy", "rounded_accuracy", "none"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 # (lower bound, inclusive?) per numeric key.
 RANGES: dict[str, tuple[float, bool]] = {
+    "seed": (0, True),  # NumPy's generators take no negative seed
+    "data.seed": (0, True),
     "optimizer.learning_rate": (0.0, False),
     "optimizer.momentum": (0.0, True),
     "optimizer.weight_decay": (0.0, True),
@@ -153,12 +160,21 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     path = resolve_path(name_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror})") from None
+    return config_from_dict(raw, overrides, origin=str(path), name=path.stem)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                     origin: str = "config", name: str = "") -> dict[str, Any]:
+    """A config from parsed data (a TOML table, or the copy a checkpoint keeps): merged over
+    the defaults, overridden and validated like a file."""
     cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, raw, DEFAULTS, prefix="", origin=str(path))
+    _merge(cfg, raw, DEFAULTS, prefix="", origin=origin)
     if not cfg["name"]:
-        cfg["name"] = path.stem
+        cfg["name"] = name
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg)
@@ -177,7 +193,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer of 4300+ digits
         value = text.strip()
     return key, value
 
@@ -250,7 +266,15 @@ def _set_checked(node: dict, schema: dict, key: str, value: Any, prefix: str, or
 def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{origin}: {dotted} = {value} is out of range for a float") from None
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{origin}: {dotted} must be a finite number, got {value!r}")
+    if expected is int and type(value) is int and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{origin}: {dotted} = {value} is out of range: TOML integers are "
+                          f"64-bit")
     if expected is list:
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

@@ -14,6 +14,7 @@ index batches are fed to both frameworks.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import queue
 import socket
@@ -99,7 +100,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: truncated header ({len(raw)} bytes, {header} needed)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod wraps past 2**63
     payload = len(raw) - header
     if payload != expected:
         kind = "truncated" if payload < expected else "too long"
@@ -107,7 +108,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: {kind} payload: the header promises shape {tuple(shape)} "
             f"({expected} bytes) but the file holds {payload} bytes"
         )
-    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    try:
+        array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    except ValueError as exc:  # a zero dimension beside ones too large for NumPy
+        raise DataError(f"{path}: the header's shape {tuple(shape)} is not a valid array shape "
+                        f"({exc})") from None
     return array.astype(dtype.newbyteorder("="))
 
 
@@ -128,8 +133,9 @@ def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike
     if images.shape[1:] != (28, 28):
         raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
                         f"expected 28x28")
-    if labels.ndim != 1:
-        raise DataError(f"{labels_path}: expected a 1-D label file, got shape {labels.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DataError(f"{labels_path}: expected unsigned-byte labels of shape (N,), got "
+                        f"{labels.dtype} {labels.shape}")
     if len(images) != len(labels):
         raise DataError(f"image and label counts disagree: {images_path} holds {len(images)} "
                         f"images but {labels_path} holds {len(labels)} labels")
@@ -180,13 +186,13 @@ def _network_answers(host: str = "storage.googleapis.com", timeout: float = 3.0)
 
 
 def _how_to_get(name: str) -> str:
-    debian = "  * sudo apt-get install dataset-fashion-mnist  (Debian/Ubuntu; used automatically)\n"
+    debian = ("sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu; used automatically); "
+              if name == "fashion_mnist" else "")
     return (
-        f"no source of the {name!r} dataset worked. Any one of these fixes it:\n"
-        + (debian if name == "fashion_mnist" else "")
-        + f"  * on a machine with network: python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.data_source('{name}', builder_kwargs={{'file_format': 'array_record'}})\"\n"
-        f"  * put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        f"no source of the {name!r} dataset worked; any one of these fixes it: {debian}"
+        f"on a machine with network, python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.data_source('{name}', builder_kwargs={{'file_format': 'array_record'}})\"; "
+        f"or put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and pass "
         f"--data-dir DIR or set JAXNETS_DATA_DIR=DIR"
     )
@@ -283,16 +289,27 @@ def load_dataset(data_cfg: dict[str, Any], seed: int = 12345) -> Dataset:
     return ds
 
 
-def preprocess(x: np.ndarray, data_cfg: dict[str, Any], layout: str) -> np.ndarray:
+def _check_finite(values: np.ndarray, what: str) -> None:
+    """NaN or Inf in float data would turn every loss into NaN: a DataError naming ``what``."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))[0])
+        raise DataError(f"{what} hold {int(bad.sum())} NaN or Inf value(s) (as float32), the "
+                        f"first in example {first}")
+
+
+def preprocess(x: np.ndarray, data_cfg: dict[str, Any], layout: str,
+               what: str = "input data") -> np.ndarray:
     """Raw examples -> float32 model inputs.
 
     ``layout``: ``"flat"`` (N, 784); ``"nhwc"`` (N, 28, 28, 1) for Flax; ``"nchw"`` (N, 1, 28, 28)
-    for PyTorch. Generated data is already float and only cast.
+    for PyTorch. Generated data is already float and only cast; NaN or Inf in it is a
+    :class:`DataError` naming ``what``.
     """
     if x.dtype != np.uint8:
-        out = x.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise DataError("input data holds NaN or Inf values")
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes Inf: refused next
+            out = x.astype(np.float32)
+        _check_finite(out, what)
         return out
     out = x.astype(np.float32)
     if data_cfg["preprocess"] in ("scale", "normalize"):
@@ -324,17 +341,26 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int,
     return full, (rest if len(rest) else None)
 
 
+def input_layout(cfg: dict[str, Any], framework: str) -> str:
+    """How a framework's model takes the config's inputs: "flat", "nhwc" (jax) or "nchw"."""
+    return "flat" if cfg["data"]["flatten"] else {"jax": "nhwc", "torch": "nchw"}[framework]
+
+
 def model_arrays(dataset: Dataset, cfg: dict[str, Any], framework: str
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(train_x, train_y, test_x, test_y)`` as a framework's model takes them: inputs
     preprocessed into its layout (NHWC for ``"jax"``, NCHW for ``"torch"``, or flat vectors),
     targets as the config's loss wants them."""
     data_cfg, loss = cfg["data"], cfg["train"]["loss"]
-    layout = "flat" if data_cfg["flatten"] else {"jax": "nhwc", "torch": "nchw"}[framework]
-    return (preprocess(dataset.train_x, data_cfg, layout),
-            prepare_targets(dataset.train_y, loss),
-            preprocess(dataset.test_x, data_cfg, layout),
-            prepare_targets(dataset.test_y, loss))
+    layout = input_layout(cfg, framework)
+
+    def what(split: str, part: str) -> str:
+        return f"the {split} {part} of {dataset.name!r} ({dataset.source})"
+
+    return (preprocess(dataset.train_x, data_cfg, layout, what("training", "inputs")),
+            prepare_targets(dataset.train_y, loss, what("training", "targets")),
+            preprocess(dataset.test_x, data_cfg, layout, what("test", "inputs")),
+            prepare_targets(dataset.test_y, loss, what("test", "targets")))
 
 
 def prefetch(items: Iterable, size: int = 2) -> Iterator:
@@ -364,9 +390,13 @@ class _Failure:
     error: BaseException
 
 
-def prepare_targets(y: np.ndarray, loss: str) -> np.ndarray:
+def prepare_targets(y: np.ndarray, loss: str, what: str = "targets") -> np.ndarray:
     """Labels as each loss wants them: integer classes for cross-entropy; float32 values for
-    MSE (an integer label becomes the digit's value, the Paddle notes' regression of a digit)."""
+    MSE (an integer label becomes the digit's value, the Paddle notes' regression of a digit).
+    NaN or Inf in float targets is a :class:`DataError` naming ``what``."""
+    if y.dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            _check_finite(y.astype(np.float32), what)
     if loss == "cross_entropy":
         return y.astype(np.int64)
     out = y.astype(np.float32)

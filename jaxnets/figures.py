@@ -30,9 +30,11 @@ def labels_from_outputs(outputs: np.ndarray, metric: str) -> np.ndarray:
 
 
 def regression_grid(dataset: Dataset, points: int = 200) -> np.ndarray:
-    """Evenly spaced inputs over the data's range, (points, 1) float32."""
+    """Evenly spaced inputs over twice the data's range (to show how each model extrapolates),
+    (points, 1) float32."""
     x = np.concatenate([dataset.train_x, dataset.test_x]).reshape(-1)
-    return np.linspace(x.min(), x.max(), points, dtype=np.float32)[:, None]
+    centre, half = (x.max() + x.min()) / 2, x.max() - x.min()
+    return np.linspace(centre - half, centre + half, points, dtype=np.float32)[:, None]
 
 
 def run_figures(out: Path, cfg: dict[str, Any], dataset: Dataset,
@@ -69,12 +71,11 @@ def ensemble_bands(out: Path, reports: dict[str, dict[str, Any]], dataset: Datas
                    ) -> Path:
     """The ReLU vs Tanh ensembles as mean +- std bands: ``reports`` maps a label to a compare
     report holding ``regression_grid`` (written by ``jaxnets compare`` for the cubic data)."""
-    predictions, grid = {}, None
+    panels, grid = {}, None
     for label, report in reports.items():
         saved = report["regression_grid"]
         grid = np.asarray(saved["x"], np.float32)
-        for fw in ("jax", "torch"):
-            predictions[f"{label} ({fw})"] = np.asarray(saved[fw], np.float32)
-    fig = plots.regression_figure(dataset.train_x, dataset.train_y, grid, predictions,
-                                  "ensembles of 10: " + " vs ".join(reports))
+        panels[label] = {fw: np.asarray(saved[fw], np.float32) for fw in ("jax", "torch")}
+    fig = plots.ensembles_figure(dataset.train_x, dataset.train_y, grid, panels,
+                                 "ensembles of 10 models: " + " vs ".join(reports))
     return plots.save_figure(fig, out / "ensembles.png")

@@ -108,26 +108,34 @@ def regression_figure(x: np.ndarray, y: np.ndarray, grid: np.ndarray,
     A prediction of shape (G,) or (G, 1) is one line; (members, G) or (members, G, 1) with more
     than one member is drawn as the members' mean with a mean ± std band.
     """
+    return ensembles_figure(x, y, grid, {"": predictions}, title)
+
+
+def ensembles_figure(x: np.ndarray, y: np.ndarray, grid: np.ndarray,
+                     panels: dict[str, dict[str, np.ndarray]], title: str) -> Figure:
+    """One axes per panel (e.g. "ReLU", "Tanh"), each drawn as :func:`regression_figure`
+    draws its predictions; the panel's name titles its axes."""
     grid = np.asarray(grid, np.float64).ravel()
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    ax.scatter(np.ravel(x), np.ravel(y), s=10, color="0.5", label="data")
-    for i, (label, pred) in enumerate(predictions.items()):
-        pred = np.asarray(pred, np.float64)
-        if pred.size % len(grid):
-            raise ValueError(f"{label}: prediction of shape {pred.shape} does not fit a grid of "
-                             f"{len(grid)} points")
-        members = pred.reshape(-1, len(grid))
-        color = _color(label, i)
-        if len(members) == 1:
-            ax.plot(grid, members[0], color=color, label=label)
-            continue
-        mean, std = members.mean(axis=0), members.std(axis=0)
-        ax.plot(grid, mean, color=color, label=f"{label} mean of {len(members)}")
-        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2,
-                        label=f"{label} ± std")
-    ax.set(xlabel="x", ylabel="y")
-    ax.legend()
+    fig = Figure(figsize=(6 * len(panels), 4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    for ax, (name, predictions) in zip(axes, panels.items(), strict=True):
+        ax.scatter(np.ravel(x), np.ravel(y), s=10, color="0.5", label="data")
+        for i, (label, pred) in enumerate(predictions.items()):
+            pred = np.asarray(pred, np.float64)
+            if pred.size % len(grid):
+                raise ValueError(f"{label}: prediction of shape {pred.shape} does not fit a "
+                                 f"grid of {len(grid)} points")
+            members = pred.reshape(-1, len(grid))
+            color = _color(label, i)
+            if len(members) == 1:
+                ax.plot(grid, members[0], color=color, label=label)
+                continue
+            mean, std = members.mean(axis=0), members.std(axis=0)
+            ax.plot(grid, mean, color=color, label=f"{label} mean of {len(members)}")
+            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2,
+                            label=f"{label} ± std")
+        ax.set(xlabel="x", ylabel="y", title=name)
+        ax.legend()
     fig.suptitle(title)
     return fig
 

@@ -88,15 +88,12 @@ def check_finite(step_losses: np.ndarray, plan: list[tuple[np.ndarray, np.ndarra
     bad = np.flatnonzero(~np.isfinite(np.asarray(step_losses)))
     if not len(bad):
         return
-    index = int(bad[0])
-    for epoch, (full, rest) in zip(epochs, plan, strict=True):
-        steps = len(full) + (rest is not None)
-        if index < steps:
-            break
-        index -= steps
+    ends = np.cumsum([len(full) + (rest is not None) for full, rest in plan])
+    which = int(np.searchsorted(ends, bad[0], side="right"))  # the epoch holding that step
+    step = int(bad[0]) - (int(ends[which - 1]) if which else 0)
     raise TrainingError(
-        f"{framework}: the loss is {float(step_losses[bad[0]])} at epoch {epoch + 1}, step "
-        f"{index + 1}; training stopped (train.on_nonfinite = \"stop\"; set it to \"skip\" "
+        f"{framework}: the loss is {float(step_losses[bad[0]])} at epoch {epochs[which] + 1}, "
+        f"step {step + 1}; training stopped (train.on_nonfinite = \"stop\"; set it to \"skip\" "
         f"to skip such steps, or lower optimizer.learning_rate)")
 
 

@@ -43,6 +43,9 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
     epoch. ``resume``: continue from that checkpoint, through the same batches the
     uninterrupted run would have seen. ``figures(out, rows)`` draws the run's pictures."""
     out.mkdir(parents=True, exist_ok=True)
+    note = checkpoint.prepare(out, resume)
+    if note:
+        echo(f"note: {note}")
     total = cfg["train"]["epochs"]
     rows, start, step = [], 0, 0
     if resume is not None:

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from jaxnets.convert import flat_arrays, flax_params, load_flax_params
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
+from jaxnets.errors import CheckpointError
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
 from jaxnets.optim import make_optimizer
-from jaxnets.errors import CheckpointError
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 
 DTYPES = ("float32", "float64")
@@ -281,8 +281,8 @@ class Trainer:
                      for k, v in expected.items()
                      if k in optimizer and optimizer[k].shape != v.shape]
         if problems:
-            raise CheckpointError(f"the optimizer state does not match {self.cfg['optimizer']['name']}"
-                                  f" for this model ({len(problems)} problems): "
-                                  + "; ".join(problems[:5]))
+            raise CheckpointError(f"the optimizer state does not match "
+                                  f"{self.cfg['optimizer']['name']} for this model "
+                                  f"({len(problems)} problems): " + "; ".join(problems[:5]))
         self.opt_state = jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(optimizer[k], dtype=v.dtype) for k, v in expected.items()])

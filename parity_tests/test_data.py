@@ -119,6 +119,7 @@ def test_no_source_says_how_to_get_the_data(tmp_path, monkeypatch):
     message = str(info.value)
     assert "tfds.data_source('mnist'" in message and "--data-dir" in message
     assert "JAXNETS_DATA_DIR" in message
+    assert "\n" not in message  # the CLI prints it as one line
 
 
 def test_valid_split_and_limit(fashion):

@@ -22,6 +22,7 @@ import torch
 import jaxnets
 from jaxnets import convert
 from jaxnets.data import Dataset, load_dataset
+from jaxnets.figures import regression_grid, run_figures
 from jaxnets.report import (
     compare_header,
     compare_markdown,
@@ -103,6 +104,7 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
                 torch_side.weights(), convert.flax_to_torch(jax_side.weights())),
         },
         "test_outputs": {"jax": jax_out, "torch": torch_out},
+        "trainers": {"jax": jax_side, "torch": torch_side},
     }
 
 
@@ -129,6 +131,8 @@ def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
             echo(f"  final test loss: jax {f['jax_test_loss']:.6f}, torch "
                  f"{f['torch_test_loss']:.6f}")
     first = members[0]
+    for fw, trainer in first["trainers"].items():  # the (first) model, for `jaxnets predict`
+        convert.write_safetensors(trainer.weights(), out / f"weights_{fw}.safetensors")
     report: dict[str, Any] = {
         "config": cfg, "dataset": dataset.name, "data_source": dataset.source,
         "num_train": len(dataset.train_x), "num_test": len(dataset.test_x),
@@ -152,6 +156,15 @@ def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
             "prediction_std_max_abs_diff": float(np.max(np.abs(
                 outputs["jax"].std(0) - outputs["torch"].std(0)))),
         }
+    if dataset.name == "cubic":  # every member's fit, for the ensemble bands
+        grid = regression_grid(dataset)
+        report["regression_grid"] = {"x": grid[:, 0], **{
+            fw: np.stack([m["trainers"][fw].predict(grid)[:, 0] for m in members])
+            for fw in ("jax", "torch")}}
+    report["figures"] = [str(p) for p in run_figures(
+        out, cfg, dataset, {fw: [{"epoch": e["epoch"], **e[fw]} for e in first["epochs"]]
+                            for fw in ("jax", "torch")},
+        {fw: [m["trainers"][fw].predict for m in members] for fw in ("jax", "torch")})]
     write_json(out / "report.json", report)
     (out / "report.md").write_text(compare_markdown(report), encoding="utf-8")
     final = report["final"]
@@ -167,5 +180,6 @@ def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
         echo(f"ensemble of {size}: mean test loss jax {ens['jax_test_loss_mean']:.6f}, torch "
              f"{ens['torch_test_loss_mean']:.6f}; ensemble-mean prediction max-abs diff "
              f"{ens['prediction_mean_max_abs_diff']:.3g}")
-    echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    echo(f"report: {out / 'report.md'} and {out / 'report.json'}; pictures: "
+         + ", ".join(Path(p).name for p in report["figures"]))
     return report

@@ -1,0 +1,136 @@
+"""``jaxnets reproduce``: every seed experiment at full length in both frameworks, one table.
+
+Each experiment is a ``jaxnets compare`` run into ``OUT/<config>/`` (its report, pictures and
+log). ``OUT/results.json`` and ``OUT/results.md`` gather the final figures beside the source's
+reported result, and are rewritten after every experiment, so an interrupted run keeps what it
+finished. MNIST experiments run on Fashion-MNIST when MNIST cannot be had (no network, no
+``--data-dir``), and the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jaxnets.config import available_configs, load_config
+from jaxnets.data import IMAGE_DATASETS, load_dataset
+from jaxnets.errors import DataError
+from jaxnets.figures import ensemble_bands
+from jaxnets.report import pct, write_json
+from torchref.compare import compare
+
+METRICS = {"accuracy": "test accuracy %", "rounded_accuracy": "rounded-digit test accuracy %",
+           "none": "test MSE"}
+
+
+def plan(names: list[str], dataset: str | None, data_dir: str | None
+         ) -> list[tuple[dict[str, Any], str]]:
+    """The configs to run, each with a note on the data it uses."""
+    runs = []
+    for name in names or list(available_configs()):
+        cfg = load_config(name)
+        if cfg["data"]["dataset"] not in IMAGE_DATASETS:
+            runs.append((cfg, ""))
+            continue
+        extra = [f"data.data_dir={json.dumps(str(Path(data_dir).expanduser()))}"] if data_dir \
+            else []
+        if dataset:
+            extra.append(f"data.dataset={json.dumps(dataset)}")
+        cfg, note = load_config(name, extra), ""
+        try:
+            load_dataset(cfg["data"])
+        except DataError as exc:
+            if dataset or cfg["data"]["dataset"] != "mnist":
+                raise
+            cfg = load_config(name, [*extra, 'data.dataset="fashion_mnist"'])
+            note = f"MNIST unavailable ({str(exc).splitlines()[0][:80]}...)"
+        runs.append((cfg, note))
+    return runs
+
+
+def result_row(cfg: dict[str, Any], report: dict[str, Any], note: str) -> dict[str, Any]:
+    final, metric = report["final"], cfg["train"]["metric"]
+    row = {"experiment": cfg["name"], "dataset": report["dataset"],
+           "data_source": report["data_source"], "note": note,
+           "epochs": cfg["train"]["epochs"], "metric": METRICS[metric],
+           "jax_train_seconds": final["jax_train_seconds"],
+           "torch_train_seconds": final["torch_train_seconds"],
+           "jax_test_loss": final["jax_test_loss"], "torch_test_loss": final["torch_test_loss"],
+           "jax_test_accuracy": final["jax_test_accuracy"],
+           "torch_test_accuracy": final["torch_test_accuracy"],
+           "source": cfg["source"], "source_reported": cfg["reported_result"]}
+    if "ensemble" in report:  # the members' mean, and their summed training time
+        ens = report["ensemble"]
+        row["metric"] = f"test MSE, mean of {len(ens['members'])}"
+        row["jax_test_loss"], row["torch_test_loss"] = (ens["jax_test_loss_mean"],
+                                                        ens["torch_test_loss_mean"])
+        for fw in ("jax", "torch"):
+            row[f"{fw}_train_seconds"] = sum(m[f"{fw}_train_seconds"] for m in ens["members"])
+    return row
+
+
+def _value(row: dict[str, Any], fw: str) -> str:
+    if row[f"{fw}_test_accuracy"] is None:
+        return f"{row[f'{fw}_test_loss']:.5f}"
+    return pct(row[f"{fw}_test_accuracy"]).strip()
+
+
+def markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+    lines = [
+        "# jaxnets reproduce",
+        "",
+        f"`{command}`: {len(rows)} experiments, {seconds / 60:.1f} minutes in all. Both "
+        "frameworks start from the same weights and see the same batches; seconds are "
+        "training time (JAX compilation excluded).",
+        "",
+        "| experiment | data | epochs | metric | jax | torch | jax s | torch s | source's "
+        "reported result |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        data = r["dataset"] + (f" (instead of MNIST: {r['note']})" if r["note"] else "")
+        lines.append(
+            f"| {r['experiment']} | {data} | {r['epochs']} | {r['metric']} | {_value(r, 'jax')} "
+            f"| {_value(r, 'torch')} | {r['jax_train_seconds']:.1f} | "
+            f"{r['torch_train_seconds']:.1f} | {r['source_reported']} ({r['source']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(names: list[str], out: Path, dataset: str | None = None,
+              data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run the experiments; write ``out/results.{json,md}``; return the table's rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(names, dataset, data_dir)
+    command = " ".join(["jaxnets", *sys.argv[1:]])
+    rows, reports, start = [], {}, time.perf_counter()
+    bar = tqdm(runs, desc="reproduce", unit="experiment", disable=not progress)
+    for cfg, note in bar:
+        bar.set_postfix_str(cfg["name"])
+        with open(out / f"{cfg['name']}.log", "w", encoding="utf-8") as log:
+            report = compare(cfg, out / cfg["name"], progress=False,
+                             echo=lambda line, log=log: print(line, file=log, flush=True))
+        reports[cfg["name"]] = report
+        rows.append(result_row(cfg, report, note))
+        seconds = time.perf_counter() - start
+        line = f"{cfg['name']}: jax {_value(rows[-1], 'jax')}, torch {_value(rows[-1], 'torch')}"
+        if progress:
+            bar.write(line)
+        else:
+            print(line)
+        write_json(out / "results.json", {"command": command, "seconds": seconds,
+                                          "experiments": rows})
+        (out / "results.md").write_text(markdown(rows, command, seconds), encoding="utf-8")
+    bands = {label: reports[name] for label, name in (("ReLU", "regression_relu"),
+                                                      ("Tanh", "regression_tanh"))
+             if name in reports}
+    if bands:
+        cubic = load_dataset(next(iter(bands.values()))["config"]["data"])
+        ensemble_bands(out, bands, cubic)
+    print(f"results: {out / 'results.md'}, {out / 'results.json'} "
+          f"({(time.perf_counter() - start) / 60:.1f} minutes)")
+    return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import run_cli
 
@@ -36,6 +37,10 @@ def test_short_compare_writes_a_complete_report(fashion, tmp_path):
                                     "accuracy_diff_pp"}
     assert abs(report["final"]["accuracy_diff_pp"]) < 2.0
     assert (out / "report.md").read_text().startswith("# jaxnets compare: mlp_fashion")
+    assert sorted(Path(p).name for p in report["figures"]) == ["curves.png", "predictions.png"]
+    assert all(Path(p).stat().st_size > 0 for p in report["figures"])
+    for framework in ("jax", "torch"):  # the trained models, for `jaxnets predict`
+        assert (out / f"weights_{framework}.safetensors").exists()
 
 
 def test_train_each_framework(fashion, tmp_path):

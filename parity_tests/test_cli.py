@@ -41,6 +41,9 @@ def test_short_compare_writes_a_complete_report(fashion, tmp_path):
     assert all(Path(p).stat().st_size > 0 for p in report["figures"])
     for framework in ("jax", "torch"):  # the trained models, for `jaxnets predict`
         assert (out / f"weights_{framework}.safetensors").exists()
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["seed"]) for r in log] == [(1, 0)]
+    assert log[0]["jax"] == report["epochs"][0]["jax"]
 
 
 def test_train_each_framework(fashion, tmp_path):
@@ -52,6 +55,16 @@ def test_train_each_framework(fashion, tmp_path):
         lines = (out / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1 and json.loads(lines[0])["framework"] == framework
         assert (out / f"weights_{framework}.safetensors").stat().st_size > 669706 * 4
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("train", "spiral_linear", "--epochs", "1", "--out", str(blocker / "run"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"jaxnets: error: {blocker / 'run'}")
+    assert "Traceback" not in result.stderr
 
 
 def test_data_dir_error_is_one_line(tmp_path):

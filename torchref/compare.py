@@ -9,6 +9,7 @@ ensemble config repeats this for each member (seeds ``seed``, ``seed + 1``, ...)
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import sys
 from collections.abc import Callable
@@ -74,10 +75,12 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
         if first_step is None:
             first_step = {"jax": float(jax_stats[0].step_losses[0]),
                           "torch": float(torch_stats[0].step_losses[0])}
-        for epoch, j, t in zip(block, jax_stats, torch_stats, strict=True):
-            step_diff = float(np.max(np.abs(j.step_losses - t.step_losses)))
-            epochs.append({"epoch": epoch + 1, "jax": j.as_dict(), "torch": t.as_dict(),
-                           "step_loss_max_abs_diff": step_diff})
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
+            for epoch, j, t in zip(block, jax_stats, torch_stats, strict=True):
+                step_diff = float(np.max(np.abs(j.step_losses - t.step_losses)))
+                epochs.append({"epoch": epoch + 1, "jax": j.as_dict(), "torch": t.as_dict(),
+                               "step_loss_max_abs_diff": step_diff})
+                log.write(json.dumps({"seed": cfg["seed"], **epochs[-1]}) + "\n")
         block_diff = max(e["step_loss_max_abs_diff"] for e in epochs[-len(block):])
         echo(compare_row(block.stop, jax_stats[-1], torch_stats[-1], block_diff,
                          sum(s.seconds for s in jax_stats), sum(s.seconds for s in torch_stats)))
@@ -112,6 +115,7 @@ def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``cfg`` in both frameworks side by side; write ``out/report.json`` and ``.md``."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("", encoding="utf-8")  # appended to, epoch by epoch
     dataset = load_dataset(cfg["data"])
     size = cfg["train"]["ensemble"]
     echo(f"{cfg['name']}: {dataset.name} from {dataset.source}; {len(dataset.train_x)} "

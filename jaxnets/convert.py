@@ -13,6 +13,7 @@ PyTorch weights without installing torch. Layout rules, one function each:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -148,9 +149,16 @@ def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise ConversionError(f"{path}: file not found") from None
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"{path}: refused or unreadable as a weights-only PyTorch file "
-                              f"({first_line})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch bolds part of its message
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise ConversionError(
+                f"{path}: refused: it holds a pickled reference to {unsafe.group(1)}, code that "
+                f"would run on loading, not just tensors (only safetensors and weights-only "
+                f"PyTorch files are read)") from None
+        reason = (text.strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"{path}: unreadable as a weights-only PyTorch file "
+                              f"({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got "
                               f"{type(state).__name__}")

@@ -48,7 +48,7 @@ def plan(names: list[str], dataset: str | None, data_dir: str | None
             if dataset or cfg["data"]["dataset"] != "mnist":
                 raise
             cfg = load_config(name, [*extra, 'data.dataset="fashion_mnist"'])
-            note = f"MNIST unavailable ({str(exc).splitlines()[0][:80]}...)"
+            note = f"MNIST unavailable, Fashion-MNIST used instead: {exc}"
         runs.append((cfg, note))
     return runs
 
@@ -93,7 +93,7 @@ def markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        data = r["dataset"] + (f" (instead of MNIST: {r['note']})" if r["note"] else "")
+        data = r["dataset"] + (" (MNIST unavailable)" if r["note"] else "")
         lines.append(
             f"| {r['experiment']} | {data} | {r['epochs']} | {r['metric']} | {_value(r, 'jax')} "
             f"| {_value(r, 'torch')} | {r['jax_train_seconds']:.1f} | "

@@ -15,6 +15,16 @@ from pathlib import Path
 from jaxnets.errors import ConfigError, JaxnetsError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with jaxnets' error style: one line on stderr (no usage block), exit 2."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("jaxnets").strip()  # "train", or "" at the top
+        print(f"jaxnets: error: {f'{command}: ' if command else ''}{message} (see "
+              f"`{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) -> None:
     p.add_argument("config", nargs="?" if config_optional else None,
                    help="a name from configs/ (see `jaxnets list`) or a TOML file")
@@ -30,7 +40,7 @@ def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="jaxnets",
         description="The classic small networks in JAX/Flax and PyTorch, provably the same.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -57,6 +57,18 @@ def test_train_each_framework(fashion, tmp_path):
         assert (out / f"weights_{framework}.safetensors").stat().st_size > 669706 * 4
 
 
+def test_usage_errors_are_one_line():
+    for args, needle in ((("train", "mlp_fashion", "--epochs", "x"),
+                          "error: train: argument --epochs: invalid int value: 'x'"),
+                         (("nosuch",), "invalid choice: 'nosuch'"),
+                         (("predict", "somewhere"), "the following arguments are required: "
+                                                    "--images")):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("jaxnets: error: ") and needle in lines[0]
+
+
 def test_unwritable_output_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

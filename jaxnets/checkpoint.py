@@ -120,33 +120,33 @@ def save(out: Path, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndar
 
 def prepare(out: Path, resume: Checkpoint | None) -> str | None:
     """Make ``out/checkpoints`` ready for a run, so that no save ever replaces the checkpoint
-    ``latest`` names. A fresh run moves an earlier run's checkpoints aside (one rename, to
-    ``checkpoints.previous-N``); a run resumed from an older checkpoint first points ``latest``
-    at it. Returns a note for the user, or None."""
+    ``latest`` names. A run that does not continue from these very checkpoints (a fresh run, or
+    one resumed from elsewhere) moves them aside first (one rename, to
+    ``checkpoints.previous-N``); a run resumed from an older one of them first points
+    ``latest`` at it. Returns a note for the user, or None."""
     root = checkpoint_dir(out)
-    if resume is None:
+    if resume is None or resume.path.parent.resolve() != root.resolve():
         if not root.exists():
             return None
         n = 1
         while root.with_name(f"checkpoints.previous-{n}").exists():
             n += 1
         os.replace(root, root.with_name(f"checkpoints.previous-{n}"))
-        return f"an earlier run's checkpoints were moved to {root.name}.previous-{n}"
-    if resume.path.parent.resolve() == root.resolve():
-        latest = root / "latest"
-        if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != resume.path.name:
-            _write_text_atomic(latest, resume.path.name + "\n")
-            return f"{latest} now names {resume.path.name}; later checkpoints will be replaced"
+        return f"the checkpoints already in {out} were moved to {root.name}.previous-{n}"
+    latest = root / "latest"
+    if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != resume.path.name:
+        _write_text_atomic(latest, resume.path.name + "\n")
+        return f"{latest} now names {resume.path.name}; later checkpoints will be replaced"
     return None
 
 
 def find(path: str | os.PathLike) -> Path:
-    """A run directory (its latest checkpoint), its ``checkpoints/`` directory, or one
-    checkpoint directory -> that checkpoint's directory."""
+    """A run directory (its latest checkpoint), a ``checkpoints/`` directory (or one moved
+    aside), or one checkpoint directory -> that checkpoint's directory."""
     path = Path(path)
     if (path / "meta.json").exists():
         return path
-    root = path if path.name == "checkpoints" else checkpoint_dir(path)
+    root = path if (path / "latest").is_file() else checkpoint_dir(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run directory")
     latest = root / "latest"

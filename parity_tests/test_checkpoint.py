@@ -240,3 +240,31 @@ def test_cli_reports_a_nonfinite_loss_in_one_line(tmp_path):
     assert "no checkpoint was saved before it" in lines[0]
     assert not (tmp_path / "checkpoints").exists()
     assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_no_save_replaces_the_checkpoint_latest_names(tmp_path):
+    """A second fresh run into the same directory moves the first run's checkpoints aside (they
+    still load); resuming from an older checkpoint points ``latest`` at it before saving."""
+    from jaxnets.data import load_dataset
+    from jaxnets.train import Trainer
+
+    cfg = load_config("regression_linear", ["train.epochs=3"])
+    data = load_dataset(cfg["data"])
+    fit(Trainer(cfg, data), cfg, tmp_path, progress=False, echo=quiet, save_every=1)
+    first = checkpoint.load(tmp_path).weights
+
+    notes = []
+    fit(Trainer(cfg, data), cfg, tmp_path, progress=False, echo=notes.append, save_every=1)
+    assert any("moved to checkpoints.previous-1" in n for n in notes)
+    kept = checkpoint.load(tmp_path / "checkpoints.previous-1")
+    assert kept.epoch == 3
+    assert_same_weights(kept.weights, first)
+
+    older = checkpoint.load(tmp_path / "checkpoints" / "epoch-0001")
+    notes.clear()
+    fit(Trainer(cfg, data), cfg, tmp_path, progress=False, echo=notes.append, save_every=1,
+        resume=older)
+    assert any("now names epoch-0001" in n for n in notes)
+    again = checkpoint.load(tmp_path)
+    assert again.epoch == 3
+    assert_same_weights(again.weights, first)  # and the resumed run is bit-exact

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--data-dir", metavar="DIR", help="a directory holding the IDX files")
     reproduce.add_argument("--out", metavar="DIR", help="output directory (default "
                            "runs/reproduce)")
+    reproduce.add_argument("--resume", action="store_true",
+                           help="keep the experiments an interrupted run into --out finished "
+                                "(same config) and run the rest")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bar")
     predict = sub.add_parser("predict", help="label images with a trained model (either "
                              "framework)")
@@ -345,7 +348,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from torchref.reproduce import reproduce
 
     reproduce(args.configs, Path(args.out or "runs/reproduce"), args.dataset, args.data_dir,
-              progress=not args.quiet)
+              progress=not args.quiet, resume=args.resume)
     return 0
 
 

@@ -32,3 +32,11 @@ def test_reproduce_spiral_linear(tmp_path):
     picture = imread(tmp_path / "spiral_linear" / "decision_regions.png")
     assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # two panels side by side
     assert (tmp_path / "spiral_linear.log").read_text().count("final test accuracy") == 1
+
+    # an interrupted run continued with resume=True keeps what was finished, runs the rest
+    (tmp_path / "spiral_linear.log").unlink()
+    again = reproduce(["spiral_linear"], tmp_path, progress=False, resume=True)
+    assert again == json.loads(json.dumps(rows))
+    assert not (tmp_path / "spiral_linear.log").exists()  # not run again
+    assert json.loads((tmp_path / "results.json").read_text())["kept_from_earlier_run"] == [
+        "spiral_linear"]

@@ -3,8 +3,8 @@
 Each experiment is a ``jaxnets compare`` run into ``OUT/<config>/`` (its report, pictures and
 log). ``OUT/results.json`` and ``OUT/results.md`` gather the final figures beside the source's
 reported result, and are rewritten after every experiment, so an interrupted run keeps what it
-finished. MNIST experiments run on Fashion-MNIST when MNIST cannot be had (no network, no
-``--data-dir``), and the table says so.
+finished; ``--resume`` continues it without running those again. MNIST experiments run on
+Fashion-MNIST when MNIST cannot be had (no network, no ``--data-dir``), and the table says so.
 """
 
 from __future__ import annotations
@@ -101,29 +101,49 @@ def markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The report of an experiment already run into ``out`` with this very config, if any
+    (``compare`` writes ``report.json`` last, so its presence means the run finished)."""
+    path = out / cfg["name"] / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if report.get("config") == json.loads(json.dumps(cfg)) else None
+
+
 def reproduce(names: list[str], out: Path, dataset: str | None = None,
-              data_dir: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the experiments; write ``out/results.{json,md}``; return the table's rows."""
+              data_dir: str | None = None, progress: bool = True, resume: bool = False
+              ) -> list[dict[str, Any]]:
+    """Run the experiments; write ``out/results.{json,md}``; return the table's rows.
+
+    ``resume``: keep the experiments an earlier, interrupted run finished in ``out`` with the
+    same config, and run only the others."""
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(names, dataset, data_dir)
     command = " ".join(["jaxnets", *sys.argv[1:]])
-    rows, reports, start = [], {}, time.perf_counter()
+    rows, reports, kept, start = [], {}, [], time.perf_counter()
     bar = tqdm(runs, desc="reproduce", unit="experiment", disable=not progress)
     for cfg, note in bar:
         bar.set_postfix_str(cfg["name"])
-        with open(out / f"{cfg['name']}.log", "w", encoding="utf-8") as log:
-            report = compare(cfg, out / cfg["name"], progress=False,
-                             echo=lambda line, log=log: print(line, file=log, flush=True))
+        report = finished(cfg, out) if resume else None
+        if report is not None:
+            kept.append(cfg["name"])
+        else:
+            with open(out / f"{cfg['name']}.log", "w", encoding="utf-8") as log:
+                report = compare(cfg, out / cfg["name"], progress=False,
+                                 echo=lambda line, log=log: print(line, file=log, flush=True))
         reports[cfg["name"]] = report
         rows.append(result_row(cfg, report, note))
         seconds = time.perf_counter() - start
-        line = f"{cfg['name']}: jax {_value(rows[-1], 'jax')}, torch {_value(rows[-1], 'torch')}"
+        line = (f"{cfg['name']}: jax {_value(rows[-1], 'jax')}, torch {_value(rows[-1], 'torch')}"
+                + (" (kept from the earlier run)" if kept and kept[-1] == cfg["name"] else ""))
         if progress:
             bar.write(line)
         else:
             print(line)
         write_json(out / "results.json", {"command": command, "seconds": seconds,
-                                          "experiments": rows})
+                                          "kept_from_earlier_run": kept, "experiments": rows})
         (out / "results.md").write_text(markdown(rows, command, seconds), encoding="utf-8")
     bands = {label: reports[name] for label, name in (("ReLU", "regression_relu"),
                                                       ("Tanh", "regression_tanh"))

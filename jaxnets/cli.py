@@ -355,8 +355,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from jaxnets.predict import predict
 
-    if args.limit < 0:
-        raise ConfigError(f"--limit {args.limit}: give 0 (all images) or more")
+    if args.limit < 0 or args.show < 0:
+        raise ConfigError(f"--limit {args.limit}, --show {args.show}: give 0 or more (--limit "
+                          f"0: all images)")
     result = predict(args.run_dir, args.images, args.limit, args.framework, args.weights,
                      args.out)
     rows = result["rows"]

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxnets.errors import CheckpointError
+from jaxnets.report import write_text_atomic
 
 FORMAT = 1
 FILES = ("weights.safetensors", "optimizer.safetensors")
@@ -65,16 +66,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -114,7 +105,7 @@ def save(out: Path, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndar
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / "latest", name + "\n")
+    write_text_atomic(root / "latest", name + "\n")
     return final
 
 
@@ -135,7 +126,7 @@ def prepare(out: Path, resume: Checkpoint | None) -> str | None:
         return f"the checkpoints already in {out} were moved to {root.name}.previous-{n}"
     latest = root / "latest"
     if not latest.is_file() or latest.read_text(encoding="utf-8").strip() != resume.path.name:
-        _write_text_atomic(latest, resume.path.name + "\n")
+        write_text_atomic(latest, resume.path.name + "\n")
         return f"{latest} now names {resume.path.name}; later checkpoints will be replaced"
     return None
 

@@ -123,23 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _toml_string(value: object) -> str:
-    """A quoted TOML string for ``--set``: JSON's escapes are TOML's (paths with quotes or
-    backslashes survive)."""
-    return json.dumps(str(value))
-
-
 def _overrides(args: argparse.Namespace) -> list[str]:
+    from jaxnets.config import data_overrides
+
     extra = []
     if args.epochs is not None:
         extra.append(f"train.epochs={args.epochs}")
     if args.train_limit is not None:
         extra.append(f"data.train_limit={args.train_limit}")
-    if args.dataset is not None:
-        extra.append(f"data.dataset={_toml_string(args.dataset)}")
-    if args.data_dir is not None:
-        extra.append(f"data.data_dir={_toml_string(Path(args.data_dir).expanduser())}")
-    return [*args.overrides, *extra]
+    return [*args.overrides, *extra, *data_overrides(args.dataset, args.data_dir)]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -234,7 +226,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    import json
 
     from jaxnets.config import load_config
     from jaxnets.summary import format_summary, jax_summary
@@ -286,17 +277,14 @@ def _configs_on_images(names: list[str], dataset: str, data_dir: str | None = No
                        ) -> list[dict]:
     """The named configs (default: all), the image ones switched to ``dataset``: parity and
     bench need realistic inputs, not a particular dataset."""
-    from jaxnets.config import available_configs, load_config
+    from jaxnets.config import available_configs, data_overrides, load_config
     from jaxnets.data import IMAGE_DATASETS
 
     cfgs = []
     for name in names or list(available_configs()):
         cfg = load_config(name)
         if cfg["data"]["dataset"] in IMAGE_DATASETS:
-            extra = [f"data.dataset={_toml_string(dataset)}"]
-            if data_dir:
-                extra.append(f"data.data_dir={_toml_string(Path(data_dir).expanduser())}")
-            cfg = load_config(name, extra)
+            cfg = load_config(name, data_overrides(dataset, data_dir))
         cfgs.append(cfg)
     return cfgs
 

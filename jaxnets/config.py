@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
 import os
 import tomllib
@@ -179,6 +180,19 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         apply_override(cfg, item)
     validate(cfg)
     return cfg
+
+
+def data_overrides(dataset: str | None = None, data_dir: str | os.PathLike | None = None
+                   ) -> list[str]:
+    """``--set`` items pointing ``[data]`` at ``dataset`` and ``data_dir`` (None: unchanged),
+    as quoted TOML strings: JSON's escapes are TOML's, so paths with quotes or backslashes
+    survive."""
+    items = []
+    if dataset is not None:
+        items.append(f"data.dataset={json.dumps(str(dataset))}")
+    if data_dir is not None:
+        items.append(f"data.data_dir={json.dumps(str(Path(data_dir).expanduser()))}")
+    return items
 
 
 def parse_override(item: str) -> tuple[str, Any]:

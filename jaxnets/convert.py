@@ -89,6 +89,20 @@ def flax_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return flat_arrays(nnx.state(model, nnx.Param))
 
 
+def mismatches(expected: Mapping[str, tuple[int, ...]], arrays: Mapping[str, np.ndarray]
+               ) -> list[str]:
+    """Every name missing from ``arrays``, unexpected in it, or of another shape than
+    ``expected`` (name -> shape), as readable phrases."""
+    problems = [f"missing {name} {tuple(shape)}" for name, shape in expected.items()
+                if name not in arrays]
+    problems += [f"unexpected {name} {tuple(np.shape(arrays[name]))}"
+                 for name in arrays if name not in expected]
+    problems += [f"shape of {name}: model {tuple(shape)}, weights {tuple(np.shape(arrays[name]))}"
+                 for name, shape in expected.items()
+                 if name in arrays and tuple(np.shape(arrays[name])) != tuple(shape)]
+    return problems
+
+
 def load_flax_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Set every parameter of ``model`` from ``arrays``, by name.
 
@@ -97,14 +111,8 @@ def load_flax_params(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> Non
     """
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     expected = {".".join(map(str, path)): (path, var) for path, var in flat}
-    problems = [f"missing {name} {tuple(var.get_value().shape)}"
-                for name, (_, var) in expected.items() if name not in arrays]
-    problems += [f"unexpected {name} {tuple(np.shape(arrays[name]))}"
-                 for name in arrays if name not in expected]
-    for name, (_, var) in expected.items():
-        if name in arrays and tuple(np.shape(arrays[name])) != tuple(var.get_value().shape):
-            problems.append(f"shape of {name}: model {tuple(var.get_value().shape)}, "
-                            f"weights {tuple(np.shape(arrays[name]))}")
+    problems = mismatches({name: var.get_value().shape for name, (_, var) in expected.items()},
+                          arrays)
     if problems:
         raise ConversionError(
             f"weights do not match {type(model).__name__} ({len(problems)} problems): "

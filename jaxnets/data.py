@@ -124,15 +124,21 @@ def _find_idx(directory: Path, stem: str) -> Path:
                     f"{', '.join(f'{s}.gz' for pair in IDX_FILES.values() for s in pair)}")
 
 
-def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike):
-    """Images (N, 28, 28) uint8 and labels (N,) int64, with their counts and sizes checked."""
-    images, labels = read_idx(images_path), read_idx(labels_path)
+def read_idx_images(path: str | os.PathLike) -> np.ndarray:
+    """An IDX image file, checked to hold 28x28 unsigned-byte images: (N, 28, 28) uint8."""
+    images = read_idx(path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{images_path}: expected unsigned-byte images of shape (N, rows, cols), "
+        raise DataError(f"{path}: expected unsigned-byte images of shape (N, rows, cols), "
                         f"got {images.dtype} {images.shape}")
     if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
+        raise DataError(f"{path}: images are {images.shape[1]}x{images.shape[2]}, "
                         f"expected 28x28")
+    return images
+
+
+def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike):
+    """Images (N, 28, 28) uint8 and labels (N,) int64, with their counts and sizes checked."""
+    images, labels = read_idx_images(images_path), read_idx(labels_path)
     if labels.ndim != 1 or labels.dtype != np.uint8:
         raise DataError(f"{labels_path}: expected unsigned-byte labels of shape (N,), got "
                         f"{labels.dtype} {labels.shape}")

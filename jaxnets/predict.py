@@ -18,7 +18,7 @@ import numpy as np
 from jaxnets import checkpoint
 from jaxnets.config import config_from_dict
 from jaxnets.convert import flax_to_torch, read_safetensors, read_torch_file, torch_to_flax
-from jaxnets.data import IMAGE_DATASETS, Dataset, read_idx
+from jaxnets.data import IMAGE_DATASETS, Dataset, load_idx_pair, read_idx_images
 from jaxnets.errors import ConfigError, DataError
 from jaxnets.figures import labels_from_outputs
 from jaxnets.plots import CLASS_NAMES
@@ -86,12 +86,12 @@ def _png(path: Path) -> np.ndarray:
     return pixels
 
 
-def _labels_beside(images_path: Path) -> np.ndarray | None:
-    """The labels of an IDX image file when its labels file lies beside it
+def _labels_beside(images_path: Path) -> Path | None:
+    """The labels file lying beside an IDX image file, if there is one
     (``t10k-images-idx3-ubyte.gz`` -> ``t10k-labels-idx1-ubyte.gz``)."""
     name = images_path.name.replace("images-idx3", "labels-idx1")
     candidate = images_path.with_name(name)
-    return read_idx(candidate) if name != images_path.name and candidate.is_file() else None
+    return candidate if name != images_path.name and candidate.is_file() else None
 
 
 def read_images(source: str | os.PathLike, limit: int = 0
@@ -109,16 +109,14 @@ def read_images(source: str | os.PathLike, limit: int = 0
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".png":
         return _png(path)[None], [path.name], None
-    images = read_idx(path)
-    if images.ndim != 3 or images.shape[1:] != IMAGE_SIZE or images.dtype != np.uint8:
-        raise DataError(f"{path}: expected unsigned-byte images of shape (N, 28, 28), got "
-                        f"{images.dtype} {images.shape}")
-    labels = _labels_beside(path)
-    if labels is not None and len(labels) != len(images):
-        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels beside it")
+    labels_path = _labels_beside(path)
+    if labels_path is None:
+        images, labels = read_idx_images(path), None
+    else:  # the pair's checks: counts agree, labels are bytes in 0-9
+        images, labels = load_idx_pair(path, labels_path)
     n = min(limit, len(images)) if limit else len(images)
     return (images[:n], [f"{path.name}[{i}]" for i in range(n)],
-            None if labels is None else labels[:n].astype(np.int64))
+            None if labels is None else labels[:n])
 
 
 def make_trainer(cfg: dict[str, Any], framework: str, arrays: dict[str, np.ndarray],

@@ -97,12 +97,26 @@ def check_finite(step_losses: np.ndarray, plan: list[tuple[np.ndarray, np.ndarra
         f"to skip such steps, or lower optimizer.learning_rate)")
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a temporary file, fsync, rename, and the
+    directory fsynced, so a crash leaves the old file or the new one, never half of either."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,7 +5,6 @@ Works with ``jaxnets.train.Trainer`` and ``torchref.train.Trainer`` alike."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from jaxnets import checkpoint
 from jaxnets.convert import write_safetensors
 from jaxnets.errors import TrainingError
-from jaxnets.report import single_header, single_row, write_json
+from jaxnets.report import single_header, single_row, write_json, write_text_atomic
 
 
 def train_blocks(epochs: int, eval_every: int, save_every: int = 0, start: int = 0
@@ -24,12 +23,6 @@ def train_blocks(epochs: int, eval_every: int, save_every: int = 0, start: int =
     stops = [e for e in range(start + 1, epochs + 1)
              if e % eval_every == 0 or (save_every and e % save_every == 0) or e == epochs]
     return [range(a, b) for a, b in zip([start, *stops[:-1]], stops, strict=True)]
-
-
-def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
@@ -54,7 +47,8 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
         echo(f"resuming from {resume.path} (epoch {start}, step {step})")
     echo(f"{cfg['name']} in {trainer.framework}: {trainer.num_train} training examples, "
          f"{total} epochs")
-    _write_lines(out / "metrics.jsonl", rows)  # a resumed run drops rows past its checkpoint
+    # a resumed run drops the rows past its checkpoint
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     echo(single_header())
     last_saved = resume.path if resume is not None else None
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:

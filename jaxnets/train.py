@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxnets.convert import flat_arrays, flax_params, load_flax_params
+from jaxnets.convert import flat_arrays, flax_params, load_flax_params, mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
 from jaxnets.errors import CheckpointError
 from jaxnets.losses import LOSSES, METRICS
@@ -275,11 +275,7 @@ class Trainer:
         self.load_weights(weights)
         leaves, treedef = jax.tree_util.tree_flatten_with_path(self.opt_state)
         expected = {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
-        problems = [f"missing {k}" for k in expected if k not in optimizer]
-        problems += [f"unexpected {k}" for k in optimizer if k not in expected]
-        problems += [f"{k}: shape {optimizer[k].shape}, expected {v.shape}"
-                     for k, v in expected.items()
-                     if k in optimizer and optimizer[k].shape != v.shape]
+        problems = mismatches({k: v.shape for k, v in expected.items()}, optimizer)
         if problems:
             raise CheckpointError(f"the optimizer state does not match "
                                   f"{self.cfg['optimizer']['name']} for this model "

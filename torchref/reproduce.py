@@ -17,8 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from jaxnets.config import available_configs, load_config
-from jaxnets.data import IMAGE_DATASETS, load_dataset
+from jaxnets.config import available_configs, data_overrides, load_config
+from jaxnets.data import IMAGE_DATASETS, load_dataset, load_images
 from jaxnets.errors import DataError
 from jaxnets.figures import ensemble_bands
 from jaxnets.report import pct, write_json
@@ -30,25 +30,25 @@ METRICS = {"accuracy": "test accuracy %", "rounded_accuracy": "rounded-digit tes
 
 def plan(names: list[str], dataset: str | None, data_dir: str | None
          ) -> list[tuple[dict[str, Any], str]]:
-    """The configs to run, each with a note on the data it uses."""
-    runs = []
+    """The configs to run, each with a note on the data it uses (MNIST is tried once; where it
+    cannot be loaded, the MNIST configs run on Fashion-MNIST)."""
+    runs, mnist_missing = [], None
     for name in names or list(available_configs()):
         cfg = load_config(name)
         if cfg["data"]["dataset"] not in IMAGE_DATASETS:
             runs.append((cfg, ""))
             continue
-        extra = [f"data.data_dir={json.dumps(str(Path(data_dir).expanduser()))}"] if data_dir \
-            else []
-        if dataset:
-            extra.append(f"data.dataset={json.dumps(dataset)}")
-        cfg, note = load_config(name, extra), ""
-        try:
-            load_dataset(cfg["data"])
-        except DataError as exc:
-            if dataset or cfg["data"]["dataset"] != "mnist":
-                raise
-            cfg = load_config(name, [*extra, 'data.dataset="fashion_mnist"'])
-            note = f"MNIST unavailable, Fashion-MNIST used instead: {exc}"
+        cfg, note = load_config(name, data_overrides(dataset, data_dir)), ""
+        if cfg["data"]["dataset"] == "mnist" and dataset is None:
+            if mnist_missing is None:
+                try:
+                    load_images("mnist", cfg["data"]["data_dir"] or None)
+                    mnist_missing = ""
+                except DataError as exc:
+                    mnist_missing = f"MNIST unavailable, Fashion-MNIST used instead: {exc}"
+            if mnist_missing:
+                cfg = load_config(name, data_overrides("fashion_mnist", data_dir))
+                note = mnist_missing
         runs.append((cfg, note))
     return runs
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from jaxnets.convert import mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, preprocess
 from jaxnets.errors import CheckpointError, ConversionError
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
@@ -88,14 +89,13 @@ class Trainer:
                 outputs = self.model(x)
                 loss = self.loss_fn(outputs, y)
                 losses.append(loss.item())
+                correct.append(self.num_correct(outputs.detach(), y))
                 if not np.isfinite(losses[-1]):
                     if train["on_nonfinite"] == "stop":
                         check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
-                    correct.append(self.num_correct(outputs.detach(), y))
                     continue  # "skip": no update for this step
                 loss.backward()
                 self.optimizer.step()
-                correct.append(self.num_correct(outputs.detach(), y))
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         seconds = time.perf_counter() - start
@@ -150,11 +150,7 @@ class Trainer:
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
         """Replace the parameters (PyTorch names and layouts) and restart the optimizer."""
         expected = self.model.state_dict()
-        problems = [f"missing {k}" for k in expected if k not in arrays]
-        problems += [f"unexpected {k}" for k in arrays if k not in expected]
-        problems += [f"shape of {k}: model {tuple(v.shape)}, weights {tuple(arrays[k].shape)}"
-                     for k, v in expected.items()
-                     if k in arrays and tuple(arrays[k].shape) != tuple(v.shape)]
+        problems = mismatches({k: tuple(v.shape) for k, v in expected.items()}, arrays)
         if problems:
             raise ConversionError(f"weights do not match {type(self.model).__name__} "
                                   f"({len(problems)} problems): " + "; ".join(problems))

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep the experiments an interrupted run into --out finished "
                                 "(same config) and run the rest")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bar")
+    download = sub.add_parser("download", help="fetch a dataset's IDX files into the data "
+                              "cache, checked against pinned SHA-256 checksums")
+    download.add_argument("dataset", choices=("mnist", "fashion_mnist"))
+    download.add_argument("--dir", metavar="DIR", help="where to put them (default "
+                          "$JAXNETS_DATA_DIR, else ~/.cache/jaxnets/DATASET)")
     predict = sub.add_parser("predict", help="label images with a trained model (either "
                              "framework)")
     predict.add_argument("run_dir", metavar="RUN_DIR",
@@ -362,6 +367,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from jaxnets.download import download
+
+    download(args.dataset, args.dir)
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from jaxnets.convert import convert_file
 
@@ -373,7 +385,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
             "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity,
-            "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict}
+            "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict,
+            "download": _cmd_download}
 
 
 def main(argv: list[str] | None = None) -> int:

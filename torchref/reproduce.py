@@ -85,11 +85,17 @@ def _value(row: dict[str, Any], fw: str) -> str:
     return pct(row[f"{fw}_test_accuracy"]).strip()
 
 
-def markdown(rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+def markdown(rows: list[dict[str, Any]], command: str, seconds: float,
+             kept: list[str] | tuple[str, ...] = ()) -> str:
+    """The results table; ``kept``: experiments taken from an earlier run (their time is not
+    in ``seconds``)."""
+    when = (f"{seconds / 60:.1f} minutes in all" if not kept else
+            f"{len(kept)} of them kept from an earlier run into the same directory (their "
+            f"time is not counted), {seconds / 60:.1f} minutes for the rest")
     lines = [
         "# jaxnets reproduce",
         "",
-        f"`{command}`: {len(rows)} experiments, {seconds / 60:.1f} minutes in all. Both "
+        f"`{command}`: {len(rows)} experiments, {when}. Both "
         "frameworks start from the same weights and see the same batches; seconds are "
         "training time (JAX compilation excluded).",
         "",
@@ -164,7 +170,8 @@ def reproduce(names: list[str], out: Path, dataset: str | None = None,
             print(line)
         write_json(out / "results.json", {"command": command, "seconds": seconds,
                                           "kept_from_earlier_run": kept, "experiments": rows})
-        (out / "results.md").write_text(markdown(rows, command, seconds), encoding="utf-8")
+        (out / "results.md").write_text(markdown(rows, command, seconds, kept),
+                                           encoding="utf-8")
     bands = {label: reports[name] for label, name in (("ReLU", "regression_relu"),
                                                       ("Tanh", "regression_tanh"))
              if name in reports}

@@ -24,6 +24,8 @@ def machine_info(device: str, peak: dict[str, float]) -> dict[str, Any]:
     import psutil
     import torch
 
+    from torchref.numerics import read_numerics
+
     info = {
         "device": device, "platform": platform.platform(), "processor": platform.machine(),
         "cpu_count": psutil.cpu_count(logical=True), "torch_threads": torch.get_num_threads(),
@@ -33,6 +35,7 @@ def machine_info(device: str, peak: dict[str, float]) -> dict[str, Any]:
                      "torch": torch.__version__},
         **peak,
     }
+    info["numerics"] = read_numerics()  # as both frameworks report them, inside the run
     if device == "gpu":
         info["gpu"] = torch.cuda.get_device_name()
     return info

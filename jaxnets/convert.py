@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxnets.errors import ConversionError
@@ -132,11 +132,28 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file."""
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      framework: str | None = None) -> None:
+    """Write atomically: a temporary file, then a rename, so a crash never leaves half a file.
+    ``framework`` ("jax" or "torch"): whose names and layouts the arrays are in, recorded in the
+    file's metadata (read back by :func:`weights_framework`)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+              metadata=None if framework is None else {"framework": framework})
     os.replace(tmp, path)
+
+
+def weights_framework(path: str | os.PathLike) -> str | None:
+    """The framework a safetensors file records that its weights are in ("jax" or "torch"), as
+    :func:`write_safetensors` and checkpoints record it; None for a file without the record."""
+    try:
+        with safe_open(str(path), "np") as f:
+            recorded = (f.metadata() or {}).get("framework")
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
+    return recorded if recorded in ("jax", "torch") else None
 
 
 def load_torch_weights(model: nnx.Module, path: str | os.PathLike) -> None:
@@ -191,5 +208,5 @@ def convert_file(source: str, target: str, src: str | os.PathLike,
     else:
         arrays = read_safetensors(src)
     converted = torch_to_flax(arrays) if source == "torch" else flax_to_torch(arrays)
-    write_safetensors(converted, dst)
+    write_safetensors(converted, dst, framework=target)
     return converted

@@ -8,6 +8,7 @@ side-by-side comparison drive either one.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, pre
 from jaxnets.errors import CheckpointError
 from jaxnets.losses import LOSSES, METRICS
 from jaxnets.models import build_model
+from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 
@@ -32,8 +34,8 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
     if dtype == "float64" and not jax.config.jax_enable_x64:
-        raise RuntimeError("float64 in JAX needs jax.config.update('jax_enable_x64', True) "
-                           "before any array is made")
+        raise RuntimeError("float64 in JAX needs x64 mode on for the whole run: work inside "
+                           "`with jaxnets.numerics.jax_numerics('float64'):`")
     return dtype
 
 
@@ -41,11 +43,17 @@ class Trainer:
     """Trains one Flax model on one dataset. ``framework`` names the side in reports."""
 
     framework = "jax"
+    # how train_epochs' seconds are measured, for reports
+    timing = ("wall-clock seconds from the first step's dispatch until every step's results "
+              "are on the host; compilation timed apart; with a progress bar, the bar advances "
+              "between compiled blocks of train.log_every steps (no host callback inside the "
+              "compiled code)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None,
                  dtype: str = "float32"):
-        """``dtype="float64"`` needs JAX's x64 mode on (``jax.config.update("jax_enable_x64",
-        True)`` before any array is made)."""
+        """``dtype="float64"`` needs JAX's x64 mode on while the trainer is made and used
+        (``jaxnets.numerics.jax_numerics("float64")``). The data goes to JAX's default device
+        (``jax_numerics(device=...)`` chooses it)."""
         self.cfg = cfg
         self.dtype = check_dtype(dtype)
         self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
@@ -70,7 +78,7 @@ class Trainer:
         def apply(params, x):
             return nnx.merge(graphdef, params)(x)
 
-        def train_step(carry, batch, tick):
+        def train_step(carry, batch):
             params, opt_state = carry
             x, y = batch
 
@@ -81,20 +89,19 @@ class Trainer:
             (loss_value, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            if skip_nonfinite:  # a NaN/Inf loss leaves parameters and optimizer state as they were
-                finite = jnp.isfinite(loss_value)
+            if skip_nonfinite:  # a NaN/Inf loss or gradient: parameters and state stay as they were
+                finite = jnp.isfinite(loss_value) & jnp.all(jnp.stack(
+                    [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
                 new_params, new_opt_state = jax.tree.map(
                     lambda new, old: jnp.where(finite, new, old),
                     (new_params, new_opt_state), (params, opt_state))
             params, opt_state = new_params, new_opt_state
-            if tick:
-                jax.debug.callback(self._tick, loss_value)
             return (params, opt_state), (loss_value, num_correct(outputs, y))
 
-        def train_epoch(params, opt_state, x_all, y_all, index_batches, tick):
+        def train_epoch(params, opt_state, x_all, y_all, index_batches):
             """index_batches: (num_batches, batch_size) int. Returns per-step losses/corrects."""
             def body(carry, idx):
-                return train_step(carry, (x_all[idx], y_all[idx]), tick)
+                return train_step(carry, (x_all[idx], y_all[idx]))
 
             (params, opt_state), (losses, correct) = jax.lax.scan(
                 body, (params, opt_state), index_batches)
@@ -112,29 +119,31 @@ class Trainer:
         def one_step(params, opt_state, x_all, y_all, idx):
             """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
             (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x_all[idx], y_all[idx]), False)
+                (params, opt_state), (x_all[idx], y_all[idx]))
             return params, opt_state, loss_value, correct
 
         def batch_step(params, opt_state, x, y):
             """One step on a batch sent from the host (the ``stream`` path)."""
             (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x, y), False)
+                (params, opt_state), (x, y))
             return params, opt_state, loss_value, correct
 
         self._train_batch = jax.jit(batch_step)
-        self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
+        self._train_epoch = jax.jit(train_epoch)
         self._train_step = jax.jit(one_step)
         self._eval_batch = jax.jit(eval_batch)
-
-    def _tick(self, loss_value) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-            if self._bar.n % self.cfg["train"]["log_every"] == 0:
-                self._bar.set_postfix(loss=f"{float(loss_value):.4f}", refresh=False)
 
     @property
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
+
+    def data_device(self) -> str:
+        """The device the training data lives on, as JAX reports it."""
+        return ", ".join(sorted(str(d) for d in self.train_x.devices()))
+
+    def numerics(self) -> dict[str, Any]:
+        """JAX's numerics settings as JAX reports them now (``jaxnets.numerics``)."""
+        return read_jax_numerics()
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
         """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
@@ -166,9 +175,10 @@ class Trainer:
                 steps = self._dispatch_steps(chunks)
             else:
                 steps = self._scan_steps(chunks, progress)
-            for step_losses, step_correct in steps:
-                losses.append(step_losses)
-                correct.append(step_correct)
+            with closing(steps):  # an interrupted epoch stops the prefetch thread at once
+                for step_losses, step_correct in steps:
+                    losses.append(step_losses)
+                    correct.append(step_correct)
             losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
             correct = np.concatenate([np.asarray(x) for x in correct])
         finally:
@@ -179,14 +189,23 @@ class Trainer:
             check_finite(losses, plan, epochs, self.framework)
         return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
 
-    def _scan_steps(self, chunks: list[np.ndarray], tick: bool):
-        """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk."""
+    def _scan_steps(self, chunks: list[np.ndarray], progress: bool):
+        """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk.
+        With a progress bar, a chunk runs as scans of ``train.log_every`` steps and the bar
+        advances between them, once each block's results are in: the compiled code never
+        calls back to the host, so the bar costs the timed steps nothing (same numbers)."""
+        block = self.cfg["train"]["log_every"] if progress else None
         for index_batches in chunks:
-            run = self._compiled_epoch(index_batches.shape, tick)
-            self.params, self.opt_state, step_losses, step_correct = run(
-                self.params, self.opt_state, self.train_x, self.train_y,
-                jnp.asarray(index_batches, jnp.int32))
-            yield step_losses, step_correct
+            for start in range(0, len(index_batches), block or len(index_batches)):
+                part = index_batches[start:start + block] if block else index_batches
+                run = self._compiled_epoch(part.shape)
+                self.params, self.opt_state, step_losses, step_correct = run(
+                    self.params, self.opt_state, self.train_x, self.train_y,
+                    jnp.asarray(part, jnp.int32))
+                if progress:
+                    self._bar.update(len(part))
+                    self._bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}", refresh=False)
+                yield step_losses, step_correct
 
     def _dispatch_steps(self, chunks: list[np.ndarray]):
         """Every step its own jitted call, gathering its batch from the on-device dataset."""
@@ -201,22 +220,23 @@ class Trainer:
         """Every step its own jitted call on a batch gathered on the host and sent ahead."""
         batches = ((jax.device_put(self.host_x[idx]), jax.device_put(self.host_y[idx]))
                    for full, rest in plan for idx in (*full, *([] if rest is None else [rest])))
-        for x, y in prefetch(batches):
-            self.params, self.opt_state, step_loss, step_correct = self._train_batch(
-                self.params, self.opt_state, x, y)
-            self._bar.update(1)
-            yield step_loss[None], step_correct[None]
+        with closing(prefetch(batches)) as prefetched:  # an early stop ends its thread
+            for x, y in prefetched:
+                self.params, self.opt_state, step_loss, step_correct = self._train_batch(
+                    self.params, self.opt_state, x, y)
+                self._bar.update(1)
+                yield step_loss[None], step_correct[None]
 
-    def _compiled_epoch(self, shape: tuple[int, int], tick: bool):
+    def _compiled_epoch(self, shape: tuple[int, int]):
         """The epoch function compiled ahead of time for this batch shape; the compilation
         seconds are added to ``compile_seconds`` instead of to the epoch's training time."""
-        key = (shape, tick)
+        # the numerics settings change the compiled code (jaxnets.numerics)
+        key = (shape, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
         if key not in self._compiled:
             start = time.perf_counter()
             index = jax.ShapeDtypeStruct(shape, jnp.int32)
             self._compiled[key] = self._train_epoch.lower(
-                self.params, self.opt_state, self.train_x, self.train_y, index, tick=tick
-            ).compile()
+                self.params, self.opt_state, self.train_x, self.train_y, index).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
 

@@ -22,6 +22,7 @@ import numpy as np
 from jaxnets import convert
 from jaxnets.data import Dataset, load_dataset, model_arrays
 from jaxnets.report import write_json
+from torchref.numerics import numerics, read_numerics, tf32_summary, torch_device
 
 # Tolerances (max-abs), each with its reason.
 TOLERANCES = {
@@ -256,7 +257,16 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
 def run_parity(cfgs: list[dict[str, Any]], out: Path, dtype: str = "float32",
                device: str = "cpu", steps: int = 100,
                echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Check every config; write ``out/report.json`` and ``out/report.md``."""
+    """Check every config in ``dtype`` on ``device``, inside :func:`torchref.numerics.numerics`
+    (x64 for float64, TF32 off; the caller's settings come back afterwards); write
+    ``out/report.json`` and ``out/report.md``, with the settings as both frameworks report
+    them."""
+    with numerics(dtype, device):
+        return _check_all(cfgs, out, dtype, device, steps, echo)
+
+
+def _check_all(cfgs: list[dict[str, Any]], out: Path, dtype: str, device: str, steps: int,
+               echo: Callable[[str], None]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     checks: list[Check] = []
     datasets: dict[tuple, Dataset] = {}
@@ -271,14 +281,15 @@ def run_parity(cfgs: list[dict[str, Any]], out: Path, dtype: str = "float32",
             f"{c.check} {c.max_abs_diff:.3g} > {c.tolerance:g}"
             + (f" (first at {c.first_divergent_layer})" if c.first_divergent_layer else "")
             for c in bad)))
-    import jax
     import torch
 
+    read = read_numerics()  # the settings in force, as each framework reports them
+    probe = torch.zeros((), device=torch_device(device))
     report = {"dtype": dtype, "device": device, "steps": steps,
-              "devices": {"jax": str(jax.devices()[0]),
-                          "torch": torch.cuda.get_device_name() if device == "gpu" else "cpu"},
+              "devices": {"jax": read["jax"]["device"], "torch": str(probe.device) + (
+                  f" ({torch.cuda.get_device_name(probe.device)})" if probe.is_cuda else "")},
               "passed": all(c.passed for c in checks),
-              "tf32": "off" if device == "gpu" else "not applicable (CPU)",
+              "tf32": tf32_summary(read), "numerics": read,
               "machine": platform.machine(), "checks": [asdict(c) for c in checks]}
     write_json(out / "report.json", report)
     (out / "report.md").write_text(parity_markdown(report), encoding="utf-8")

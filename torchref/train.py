@@ -19,6 +19,7 @@ from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, pre
 from jaxnets.errors import CheckpointError, ConversionError
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 from torchref.models import build_model
+from torchref.numerics import read_torch_numerics
 from torchref.optim import make_optimizer
 
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
@@ -41,8 +42,17 @@ def no_metric(outputs: torch.Tensor, targets: torch.Tensor) -> int:
 METRICS = {"accuracy": num_correct, "rounded_accuracy": num_rounded_correct, "none": no_metric}
 
 
+def gradients_finite(model: nn.Module) -> bool:
+    """Whether every parameter's gradient is free of NaN and Inf (one host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 class Trainer:
     framework = "torch"
+    # how train_epochs' seconds are measured, for reports
+    timing = ("wall-clock seconds of the training loop, progress bar included (loss.item() "
+              "waits for every step)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nn.Module | None = None,
                  dtype: str = "float32", device: str = "cpu"):
@@ -65,6 +75,14 @@ class Trainer:
     @property
     def num_train(self) -> int:
         return len(self.train_x)
+
+    def data_device(self) -> str:
+        """The device the training data lives on, as PyTorch reports it."""
+        return str(self.train_x.device)
+
+    def numerics(self) -> dict[str, Any]:
+        """PyTorch's numerics settings as PyTorch reports them now (``torchref.numerics``)."""
+        return read_torch_numerics()
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
         return self.train_epochs(range(epoch, epoch + 1), progress)[0]
@@ -95,6 +113,8 @@ class Trainer:
                         check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
                     continue  # "skip": no update for this step
                 loss.backward()
+                if train["on_nonfinite"] == "skip" and not gradients_finite(self.model):
+                    continue  # a finite loss with a NaN/Inf gradient: no update either
                 self.optimizer.step()
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)

@@ -13,7 +13,7 @@ from jaxnets.config import available_configs, load_config
 from jaxnets.data import load_generated, preprocess
 from jaxnets.errors import ConversionError
 from jaxnets.models import build_model as build_jax
-from jaxnets.models import flatten_chw
+from jaxnets.layers import flatten_chw
 from torchref.models import build_model as build_torch
 
 CONFIGS = sorted(available_configs())

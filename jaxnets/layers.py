@@ -89,12 +89,12 @@ class BatchNorm(nnx.Module):
             mean = x.mean(axes)
             var = jnp.square(x - mean).mean(axes)
             count = int(np.prod([x.shape[a] for a in axes]))
-            self.mean.value = self.decay * self.mean.value + (1 - self.decay) * mean
-            self.var.value = (self.decay * self.var.value
+            self.mean[...] = self.decay * self.mean[...] + (1 - self.decay) * mean
+            self.var[...] = (self.decay * self.var[...]
                               + (1 - self.decay) * unbiased_variance(var, count))
         else:
-            mean, var = self.mean.value, self.var.value
-        return (x - mean) / jnp.sqrt(var + self.eps) * self.scale.value + self.bias.value
+            mean, var = self.mean[...], self.var[...]
+        return (x - mean) / jnp.sqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 class Dropout(nnx.Module):
@@ -109,8 +109,8 @@ class Dropout(nnx.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if not train or self.rate == 0.0:
             return x
-        draw = self.draws.value
-        self.draws.value = draw + 1
+        draw = self.draws[...]
+        self.draws[...] = draw + 1
         if self.masks == "jax":
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), self.index),
                                      draw)

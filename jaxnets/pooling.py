@@ -58,7 +58,7 @@ def avg_pool(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int],
              count_include_pad: bool = True) -> jax.Array:
     """x: (N, H, W, C) -> (N, H', W', C): window sums over :func:`avg_pool_divisor`."""
     window, strides, pads = _window_args(x, kernel, stride, padding, ceil_mode)
-    sums = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, pads)
+    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads)
     divisor = avg_pool_divisor(x.shape[1:3], kernel, stride, padding, ceil_mode,
                                count_include_pad, x.dtype)
     return sums / divisor[None, :, :, None]

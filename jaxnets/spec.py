@@ -5,7 +5,7 @@ A :class:`Layer` is one entry of the list (``{type = "conv2d", out = 16, kernel 
 its defaults filled in, a stable ``name`` and the per-example shapes it maps, in PyTorch's
 order: ``(features,)`` for vectors, ``(C, H, W)`` for images. ``jaxnets.layers`` and
 ``torchref.layers`` each build every type of :data:`LAYER_KEYS`; the seed networks (MLP, LeNet,
-SimpleNet, ConvNet) are :func:`preset_layers` written in the same vocabulary.
+SimpleNet, ConvNet) are presets (``jaxnets.presets``) written in the same vocabulary.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxnets.errors import ConfigError
+from jaxnets.presets import preset_layers
 
 REQUIRED = object()
 PAIR = "an integer or a pair of integers"
@@ -97,7 +98,7 @@ def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
         value = float(value)
         if key == "rate" and not 0.0 <= value < 1.0:
             raise bad("in [0, 1)")
-        if key in ("eps",) and value <= 0 or key == "momentum" and not 0.0 <= value <= 1.0:
+        if (key in ("eps",) and value <= 0) or (key == "momentum" and not 0.0 <= value <= 1.0):
             raise bad("> 0" if key == "eps" else "in [0, 1]")
         return value
     if not is_int or value < 1:
@@ -267,44 +268,6 @@ def infer_shapes(layers: list[Layer], shape: tuple[int, ...], start: int = 0
 
 def count_layers(layers: list[Layer]) -> int:
     return sum(1 + count_layers(layer.layers) for layer in layers)
-
-
-def preset_layers(model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The seed networks written in the vocabulary, with today's layer names."""
-    name = model_cfg["name"]
-    if name == "MLP":
-        act, sizes = model_cfg["activation"], [*model_cfg["hidden"], model_cfg["out_features"]]
-        layers: list[dict[str, Any]] = [{"type": "flatten", "name": "flatten"}]
-        for i, width in enumerate(sizes):
-            layers.append({"type": "linear", "out": width, "name": f"layers.{i}"})
-            if i < len(sizes) - 1 and act != "none":
-                layers.append({"type": act, "name": f"{act}.{i}"})
-        return layers
-    if name == "Sequential":
-        return model_cfg["layers"]
-
-    def conv(n, out, kernel, padding=0):
-        return {"type": "conv2d", "name": f"conv{n}", "out": out, "kernel": kernel,
-                "padding": padding}
-
-    def relu(n):
-        return {"type": "relu", "name": f"relu{n}"}
-
-    def pool(n):
-        return {"type": "maxpool", "name": f"pool{n}", "kernel": 2}
-
-    flat = {"type": "flatten", "name": "flatten"}
-    if name == "LeNet":
-        return [conv(1, 6, 3, 1), relu(1), pool(1), conv(2, 16, 5), relu(2), pool(2), flat,
-                *({"type": "linear", "name": f"fc{i}", "out": n}
-                  for i, n in ((1, 120), (2, 84), (3, 10)))]
-    if name == "SimpleNet":
-        return [conv(1, 20, 5, 2), relu(1), pool(1), conv(2, 20, 5, 2), relu(2), pool(2), flat,
-                {"type": "linear", "name": "fc", "out": 10}]
-    if name == "ConvNet":  # pool before ReLU, as the source
-        return [conv(1, 10, 5), pool(1), relu(1), conv(2, 20, 5), pool(2), relu(2), flat,
-                {"type": "linear", "name": "fc", "out": 10}]
-    raise ConfigError(f"unknown model {name!r}")
 
 
 IMAGE_SHAPE = (1, 28, 28)

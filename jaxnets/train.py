@@ -22,9 +22,9 @@ from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, pre
 from jaxnets.errors import CheckpointError
 from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
-from jaxnets.spec import data_input_shape, model_layers
 from jaxnets.optim import make_optimizer
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
+from jaxnets.spec import data_input_shape, model_layers
 
 DTYPES = ("float32", "float64")
 
@@ -80,7 +80,7 @@ class Trainer:
         def apply(params, other, x, train=False):
             """(outputs, other state after the pass): train mode updates BatchNorm's running
             statistics and dropout's draw counters; eval mode returns ``other`` unchanged."""
-            model = nnx.merge(graphdef, params, other)
+            model = nnx.merge(graphdef, params, other, copy=True)
             outputs = model(x, train)
             return outputs, nnx.split(model, nnx.Param, ...)[2]
 
@@ -89,12 +89,12 @@ class Trainer:
             params, other, opt_state = carry
             x, y = batch
 
-            def objective(p):
-                outputs, new_other = apply(p, other, x, True)
+            def objective(p, o):  # o as an argument: NNX mutates state of its own trace only
+                outputs, new_other = apply(p, o, x, True)
                 return loss_fn(outputs, y), (outputs, new_other)
 
             (loss_value, (outputs, new_other)), grads = jax.value_and_grad(
-                objective, has_aux=True)(params)
+                objective, has_aux=True)(params, other)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
             new = (optax.apply_updates(params, updates), new_other, new_opt_state)
             if skip_nonfinite:  # a NaN/Inf loss leaves every state as it was
@@ -120,7 +120,8 @@ class Trainer:
 
         def loss_and_gradients(params, other, x, y):
             """In train mode (batch statistics, the next dropout masks); state not kept."""
-            return jax.value_and_grad(lambda p: loss_fn(apply(p, other, x, True)[0], y))(params)
+            return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
+                params, other)
 
         self.apply = jax.jit(lambda params, other, x: apply(params, other, x)[0])
         self._loss_and_gradients = jax.jit(loss_and_gradients)

@@ -44,7 +44,8 @@ Findings (CPU, jax 0.10.2, torch 2.13.0), each asserted below:
   ``torch.linalg.vector_norm``) is 0, ``jnp.linalg.norm``'s is NaN; ``jaxnets.losses.l2_distance``
   masks it to 0 like torch.
 * ``nnx.Conv``'s default padding is ``"SAME"`` (torch's is 0): ``Conv(5, 10, 3)`` on 100x100
-  gives 100x100 in Flax, 98x98 in torch; the conv2d builder (``jaxnets.layers``) passes explicit padding.
+  gives 100x100 in Flax, 98x98 in torch; the conv2d builder (``jaxnets.layers``) passes
+  explicit padding.
 * ``nnx.Conv`` is exactly ``lax.conv_general_dilated(NHWC, HWIO) + bias``: bitwise equal.
 """
 
@@ -62,9 +63,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from conftest import assert_allclose
-from jaxnets import losses
 from jaxnets import layers as jax_layers
-from jaxnets import pooling
+from jaxnets import losses, pooling
 from jaxnets.spec import infer_shapes, parse_layers
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}

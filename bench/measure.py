@@ -101,16 +101,61 @@ def _torch_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "gpu" else (lambda: None)
 
 
-def layer_flops(cfg: dict[str, Any]) -> list[int]:
-    """Multiply-adds x 2 of one example's forward pass through each weighted layer, from the
-    layer table: weights W (parameters less one bias per output channel) applied at P output
-    positions (1 for a Linear, H x W for a conv) cost 2 W P. Activations and pooling are not
-    counted."""
-    from jaxnets.summary import jax_summary
+# FLOPs per output element of the layers without weights (forward pass): an activation or
+# dropout is one operation per element; BatchNorm subtracts, divides, scales and shifts;
+# LayerNorm also reduces twice; softmax exponentiates, sums and divides.
+ELEMENTWISE_FLOPS = {"relu": 1, "tanh": 1, "sigmoid": 1, "silu": 1, "gelu": 1,
+                     "leaky_relu": 1, "dropout": 1, "softmax": 3, "log_softmax": 3,
+                     "batchnorm": 4, "layernorm": 5, "flatten": 0}
 
-    return [2 * (layer["params"] - layer["output_shape"][-1])
-            * math.prod(layer["output_shape"][1:-1])
-            for layer in jax_summary(cfg)["layers"] if layer["params"]]
+
+def _flops(layer) -> int:
+    """One example's forward FLOPs of one layer (its branch included), multiply-adds x 2 for
+    the weighted layers (biases not counted)."""
+    out = math.prod(layer.out_shape)
+    if layer.type == "linear":
+        return 2 * layer.in_shape[0] * layer.options["out"]
+    if layer.type == "conv2d":
+        o = layer.options
+        return 2 * layer.in_shape[0] // o["groups"] * o["kernel"][0] * o["kernel"][1] * out
+    if layer.type in ("maxpool", "avgpool"):
+        return math.prod(layer.options["kernel"]) * out
+    if layer.type == "global_avgpool":
+        return math.prod(layer.in_shape)
+    if layer.type == "residual":
+        return sum(_flops(inner) for inner in layer.layers) + out + _projection_flops(layer)
+    return ELEMENTWISE_FLOPS[layer.type] * out
+
+
+def _projection_flops(layer) -> int:
+    return 0 if not layer.projection else 2 * layer.in_shape[0] * math.prod(layer.out_shape)
+
+
+def flops_by_layer(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(name, type, forward FLOPs of one example) for every top-level layer."""
+    from jaxnets.spec import data_input_shape, model_layers
+
+    return [(layer.name, layer.type, _flops(layer))
+            for layer in model_layers(cfg["model"], data_input_shape(cfg))]
+
+
+def layer_flops(cfg: dict[str, Any]) -> list[int]:
+    """Multiply-adds x 2 of one example's forward pass through each weighted layer (linear,
+    conv2d, a residual's 1x1 projection), in order, residual branches included: weights W
+    applied at P output positions cost 2 W P. The matmul work a peak fraction compares
+    against; :func:`flops_by_layer` counts every layer."""
+    from jaxnets.spec import data_input_shape, model_layers
+
+    def weighted(layers):
+        for layer in layers:
+            if layer.type in ("linear", "conv2d"):
+                yield _flops(layer)
+            elif layer.type == "residual":
+                yield from weighted(layer.layers)
+                if layer.projection:
+                    yield _projection_flops(layer)
+
+    return list(weighted(model_layers(cfg["model"], data_input_shape(cfg))))
 
 
 def forward_flops(cfg: dict[str, Any]) -> int:
@@ -144,6 +189,7 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
     """Train and inference measurements for every mode of one config."""
     import torch
 
+    from jaxnets.spec import data_input_shape
     from jaxnets.train import Trainer as JaxTrainer
     from torchref.models import build_model as build_torch
     from torchref.train import Trainer as TorchTrainer
@@ -167,7 +213,8 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
                     train = timed(train_unit, repeats, lambda: None)
                     infer = timed(trainer.evaluate, repeats, lambda: None)
                 else:
-                    model = build_torch(unit_cfg["model"], unit_cfg["seed"]).to(torch_device)
+                    model = build_torch(unit_cfg["model"], unit_cfg["seed"],
+                                        data_input_shape(unit_cfg)).to(torch_device)
                     if mode == "compile":
                         model = torch.compile(model)
                     trainer = TorchTrainer(unit_cfg, unit_data, model=model,

@@ -95,6 +95,11 @@ def use_im2col(impl: str) -> bool:
     return impl == "im2col"
 
 
+def conv_for(impl: str):
+    """The function ``nnx.Conv`` gets as ``conv_general_dilated=`` for ``model.conv``."""
+    return conv_general_dilated_im2col if use_im2col(impl) else jax.lax.conv_general_dilated
+
+
 def _windows(x: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, H/2, W/2, C, 4): each 2x2 window, in row-major order."""
     n, h, w, c = x.shape

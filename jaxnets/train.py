@@ -18,14 +18,15 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxnets.convert import flat_arrays, flax_params, load_flax_params, mismatches
+from jaxnets.convert import flat_arrays, flax_state, load_flax_params, mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
 from jaxnets.errors import CheckpointError
-from jaxnets.losses import LOSSES, METRICS
+from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
 from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
+from jaxnets.spec import data_input_shape, model_layers
 
 DTYPES = ("float32", "float64")
 
@@ -56,17 +57,26 @@ class Trainer:
         (``jax_numerics(device=...)`` chooses it)."""
         self.cfg = cfg
         self.dtype = check_dtype(dtype)
-        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
-        if dtype != "float32":
-            nnx.update(self.model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(self.model)))
+        self.model = model if model is not None else build_model(
+            cfg["model"], cfg["seed"], data_input_shape(cfg))
+        if dtype != "float32":  # floats only: dropout's draw counters stay integers
+            nnx.update(self.model, jax.tree.map(
+                lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                nnx.state(self.model)))
         self.optimizer = make_optimizer(cfg["optimizer"])
-        graphdef, params = nnx.split(self.model)
-        self.params = params
+        # Optax sees the parameters only; the rest (BatchNorm statistics, dropout draw counters)
+        # is state the forward pass updates in train mode
+        graphdef, params, other = nnx.split(self.model, nnx.Param, ...)
+        self.params, self.other = params, other
         self.opt_state = self.optimizer.init(params)
         # the whole dataset goes to the device once; epochs gather their batches there
         arrays = [a.astype(dtype) if a.dtype.kind == "f" else a
                   for a in model_arrays(dataset, cfg, "jax")]
         self.host_x, self.host_y = arrays[0], arrays[1]  # for the streaming path
+        if cfg["train"]["loss"] == "cross_entropy":
+            classes = model_layers(cfg["model"], data_input_shape(cfg))[-1].out_shape[-1]
+            for labels, split in ((arrays[1], "training"), (arrays[3], "test")):
+                check_label_range(labels, classes, f"{dataset.name} {split} labels")
         self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
         self._bar = None
         self._compiled: dict = {}
@@ -75,58 +85,65 @@ class Trainer:
         num_correct = METRICS[cfg["train"]["metric"]]
         skip_nonfinite = cfg["train"]["on_nonfinite"] == "skip"
 
-        def apply(params, x):
-            return nnx.merge(graphdef, params)(x)
+        def apply(params, other, x, train=False):
+            """(outputs, other state after the pass): train mode updates BatchNorm's running
+            statistics and dropout's draw counters; eval mode returns ``other`` unchanged."""
+            model = nnx.merge(graphdef, params, other, copy=True)
+            outputs = model(x, train)
+            return outputs, nnx.split(model, nnx.Param, ...)[2]
 
         def train_step(carry, batch):
-            params, opt_state = carry
+            """(params, other, opt_state), (x, y) -> (params, other', opt_state'), metrics."""
+            params, other, opt_state = carry
             x, y = batch
 
-            def objective(p):
-                outputs = apply(p, x)
-                return loss_fn(outputs, y), outputs
+            def objective(p, o):  # o as an argument: NNX mutates state of its own trace only
+                outputs, new_other = apply(p, o, x, True)
+                return loss_fn(outputs, y), (outputs, new_other)
 
-            (loss_value, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            (loss_value, (outputs, new_other)), grads = jax.value_and_grad(
+                objective, has_aux=True)(params, other)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            if skip_nonfinite:  # a NaN/Inf loss or gradient: parameters and state stay as they were
+            new = (optax.apply_updates(params, updates), new_other, new_opt_state)
+            if skip_nonfinite:  # a NaN/Inf loss or gradient: every state stays as it was
                 finite = jnp.isfinite(loss_value) & jnp.all(jnp.stack(
                     [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-                new_params, new_opt_state = jax.tree.map(
-                    lambda new, old: jnp.where(finite, new, old),
-                    (new_params, new_opt_state), (params, opt_state))
-            params, opt_state = new_params, new_opt_state
-            return (params, opt_state), (loss_value, num_correct(outputs, y))
+                new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                                   (params, other, opt_state))
+            return new, (loss_value, num_correct(outputs, y))
 
-        def train_epoch(params, opt_state, x_all, y_all, index_batches):
+        def train_epoch(params, other, opt_state, x_all, y_all, index_batches):
             """index_batches: (num_batches, batch_size) int. Returns per-step losses/corrects."""
             def body(carry, idx):
                 return train_step(carry, (x_all[idx], y_all[idx]))
 
-            (params, opt_state), (losses, correct) = jax.lax.scan(
-                body, (params, opt_state), index_batches)
-            return params, opt_state, losses, correct
+            (params, other, opt_state), (losses, correct) = jax.lax.scan(
+                body, (params, other, opt_state), index_batches)
+            return params, other, opt_state, losses, correct
 
-        def eval_batch(params, x, y):
-            outputs = apply(params, x)
+        def eval_batch(params, other, x, y):
+            outputs = apply(params, other, x)[0]
             return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
 
-        def loss_and_gradients(params, x, y):
-            return jax.value_and_grad(lambda p: loss_fn(apply(p, x), y))(params)
+        def loss_and_gradients(params, other, x, y):
+            """In train mode (batch statistics, the next dropout masks); state not kept."""
+            return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
+                params, other)
 
-        self.apply = jax.jit(apply)
+        self.apply = jax.jit(lambda params, other, x: apply(params, other, x)[0])
         self._loss_and_gradients = jax.jit(loss_and_gradients)
-        def one_step(params, opt_state, x_all, y_all, idx):
-            """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
-            (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x_all[idx], y_all[idx]))
-            return params, opt_state, loss_value, correct
 
-        def batch_step(params, opt_state, x, y):
+        def one_step(params, other, opt_state, x_all, y_all, idx):
+            """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
+            (params, other, opt_state), (loss_value, correct) = train_step(
+                (params, other, opt_state), (x_all[idx], y_all[idx]))
+            return params, other, opt_state, loss_value, correct
+
+        def batch_step(params, other, opt_state, x, y):
             """One step on a batch sent from the host (the ``stream`` path)."""
-            (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x, y))
-            return params, opt_state, loss_value, correct
+            (params, other, opt_state), (loss_value, correct) = train_step(
+                (params, other, opt_state), (x, y))
+            return params, other, opt_state, loss_value, correct
 
         self._train_batch = jax.jit(batch_step)
         self._train_epoch = jax.jit(train_epoch)
@@ -199,8 +216,8 @@ class Trainer:
             for start in range(0, len(index_batches), block or len(index_batches)):
                 part = index_batches[start:start + block] if block else index_batches
                 run = self._compiled_epoch(part.shape)
-                self.params, self.opt_state, step_losses, step_correct = run(
-                    self.params, self.opt_state, self.train_x, self.train_y,
+                self.params, self.other, self.opt_state, step_losses, step_correct = run(
+                    self.params, self.other, self.opt_state, self.train_x, self.train_y,
                     jnp.asarray(part, jnp.int32))
                 if progress:
                     self._bar.update(len(part))
@@ -211,8 +228,9 @@ class Trainer:
         """Every step its own jitted call, gathering its batch from the on-device dataset."""
         for index_batches in chunks:
             for idx in jnp.asarray(index_batches, jnp.int32):
-                self.params, self.opt_state, step_loss, step_correct = self._train_step(
-                    self.params, self.opt_state, self.train_x, self.train_y, idx)
+                self.params, self.other, self.opt_state, step_loss, step_correct = (
+                    self._train_step(self.params, self.other, self.opt_state, self.train_x,
+                                     self.train_y, idx))
                 self._bar.update(1)
                 yield step_loss[None], step_correct[None]
 
@@ -222,8 +240,8 @@ class Trainer:
                    for full, rest in plan for idx in (*full, *([] if rest is None else [rest])))
         with closing(prefetch(batches)) as prefetched:  # an early stop ends its thread
             for x, y in prefetched:
-                self.params, self.opt_state, step_loss, step_correct = self._train_batch(
-                    self.params, self.opt_state, x, y)
+                self.params, self.other, self.opt_state, step_loss, step_correct = (
+                    self._train_batch(self.params, self.other, self.opt_state, x, y))
                 self._bar.update(1)
                 yield step_loss[None], step_correct[None]
 
@@ -236,7 +254,8 @@ class Trainer:
             start = time.perf_counter()
             index = jax.ShapeDtypeStruct(shape, jnp.int32)
             self._compiled[key] = self._train_epoch.lower(
-                self.params, self.opt_state, self.train_x, self.train_y, index).compile()
+                self.params, self.other, self.opt_state, self.train_x, self.train_y,
+                index).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
 
@@ -249,7 +268,8 @@ class Trainer:
         size = self.cfg["train"]["eval_batch_size"]
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), size):
-            batch_loss, batch_correct = self._eval_batch(self.params, x[start:start + size],
+            batch_loss, batch_correct = self._eval_batch(self.params, self.other,
+                                                         x[start:start + size],
                                                          y[start:start + size])
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
@@ -260,29 +280,31 @@ class Trainer:
         """Model outputs for raw examples (as a :class:`Dataset` holds them), in batches."""
         x = preprocess(raw_x, self.cfg["data"], input_layout(self.cfg, "jax")).astype(self.dtype)
         size = self.cfg["train"]["eval_batch_size"]
-        return np.concatenate([np.asarray(self.apply(self.params, x[i:i + size]))
+        return np.concatenate([np.asarray(self.apply(self.params, self.other, x[i:i + size]))
                                for i in range(0, len(x), size)]) if len(x) else np.zeros((0,))
 
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
         """The loss of one batch and its gradient for every parameter (Flax names, layouts)."""
-        loss, grads = self._loss_and_gradients(self.params, x, y)
+        loss, grads = self._loss_and_gradients(self.params, self.other, x, y)
         return float(loss), flat_arrays(grads)
 
     def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Every step's output (NHWC where 4-D), with the current parameters."""
-        nnx.update(self.model, self.params)
+        """Every step's output (NHWC where 4-D), with the current parameters, in eval mode."""
+        nnx.update(self.model, self.params, self.other)
         return [(name, np.asarray(out)) for name, out in self.model.forward_layers(x)]
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Current parameters as ``{"layers.0.kernel": array, ...}`` (Flax names and layouts)."""
-        nnx.update(self.model, self.params)
-        return flax_params(self.model)
+        """Current parameters and state as ``{"layers.0.kernel": array, "bn.mean": ...}``
+        (Flax names and layouts)."""
+        nnx.update(self.model, self.params, self.other)
+        return flax_state(self.model)
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the parameters (Flax names and layouts) and restart the optimizer state."""
+        """Replace the parameters and state (Flax names and layouts) and restart the optimizer
+        state."""
         load_flax_params(self.model, arrays)
-        self.params = nnx.state(self.model)
+        _, self.params, self.other = nnx.split(self.model, nnx.Param, ...)
         self.opt_state = self.optimizer.init(self.params)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:

@@ -43,3 +43,23 @@ def test_bench_writes_results(tmp_path):
     assert all(r["peak_fraction"] == r["gflops"] / 20.0 for r in results["results"])
     assert "| spiral_relu | scan |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flops_for_every_layer_type():
+    # resnet_gelu_fashion by hand, one example: stem 3x3 1->8 at 28x28; block1 two 3x3 8->8
+    # at 28x28, its add; block2 3x3 8->16 stride 2 and 3x3 16->16 at 7x7, the 1x1 8->16
+    # projection at 7x7, its add; avg pool 2x2 to 14x14x8; GELU one per element
+    cfg = load_config("resnet_gelu_fashion")
+    by_name = {name: flops for name, _, flops in measure.flops_by_layer(cfg)}
+    assert by_name["stem"] == 2 * 9 * 1 * 8 * 28 * 28
+    assert by_name["block1"] == 2 * (2 * 9 * 8 * 8 * 28 * 28) + 8 * 28 * 28 + 8 * 28 * 28
+    assert by_name["block2"] == (2 * 9 * 8 * 16 * 49 + 16 * 49 + 2 * 9 * 16 * 16 * 49
+                                 + 16 * 49 + 2 * 8 * 16 * 49)
+    assert by_name["avgpool_4"] == 4 * 8 * 14 * 14 and by_name["gelu_1"] == 8 * 28 * 28
+    assert by_name["global_avgpool_7"] == 16 * 49 and by_name["norm"] == 5 * 16
+    assert by_name["fc"] == 2 * 16 * 10
+    assert measure.layer_flops(cfg) == [by_name["stem"], 2 * 9 * 8 * 8 * 784,
+                                        2 * 9 * 8 * 8 * 784, 2 * 9 * 8 * 16 * 49,
+                                        2 * 9 * 16 * 16 * 49, 2 * 8 * 16 * 49, by_name["fc"]]
+    kinds = {kind for _, kind, _ in measure.flops_by_layer(load_config("vgg_bn_fashion"))}
+    assert {"batchnorm", "dropout", "maxpool", "conv2d", "linear"} <= kinds

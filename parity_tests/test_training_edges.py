@@ -64,7 +64,7 @@ class JaxSqrtModel(nnx.Module):
         self.w = nnx.Param(jnp.zeros((1,)))
         self.b = nnx.Param(jnp.ones((1,)))
 
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):  # jaxnets models take the mode explicitly
         return jnp.sqrt(self.w[...]) * x + self.b[...]
 
 

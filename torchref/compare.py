@@ -88,9 +88,9 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
         echo(compare_row(block.stop, jax_stats[-1], torch_stats[-1], block_diff,
                          sum(s.seconds for s in jax_stats), sum(s.seconds for s in torch_stats)))
     last = epochs[-1]
-    jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.test_x))
-    with torch.no_grad():
-        torch_out = torch_side.model(torch_side.test_x).cpu().numpy()
+    jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.other, jax_side.test_x))
+    with torch.no_grad():  # eval mode on both sides
+        torch_out = torch_side.model.eval()(torch_side.test_x).cpu().numpy()
     return {
         "seed": cfg["seed"],
         "initial_weights_max_abs_diff": init_diff,

@@ -72,8 +72,14 @@ def tolerances(cfg: dict[str, Any], dtype: str, steps: int) -> dict[str, float]:
 NOISE_MARGIN = 2.0
 
 
+def compared(torch_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The torch weights a JAX twin also holds: all but BatchNorm's ``num_batches_tracked``,
+    which Flax does not keep (``jaxnets.convert.drop_num_batches_tracked``)."""
+    return {k: v for k, v in torch_weights.items() if not k.endswith(".num_batches_tracked")}
+
+
 def weights_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(diffs(a[name], value)[0] for name, value in b.items())
+    return max(diffs(a[name], value)[0] for name, value in compared(b).items())
 
 
 def noise_bound(tolerance: float, floor: float | None) -> float:
@@ -211,7 +217,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     jax_side, torch_side, noise = twins(step_cfg, batch, dtype, device, converter)
     for trainer in (jax_side, torch_side):
         trainer.train_epoch(0, progress=False)
-    after, reference = convert.flax_to_torch(jax_side.weights()), torch_side.weights()
+    after, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
     floor = None
     if noise is not None:
         with other_kernels():
@@ -246,7 +252,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
         f"per-step loss difference: step 1 {per_step[0]:.3g}, last {per_step[-1]:.3g}"
         + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else ""),
         floor))
-    final, reference = convert.flax_to_torch(jax_side.weights()), torch_side.weights()
+    final, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
     floor = None if noise is None else weights_diff(noise.weights(), reference)
     checks.append(_named_check(cfg, f"trajectory_{len(per_step)}_steps_weights", [
         (layer_of(name), final[name], w) for name, w in reference.items()],

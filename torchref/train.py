@@ -18,6 +18,7 @@ from jaxnets.convert import mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, preprocess
 from jaxnets.errors import CheckpointError, ConversionError
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
+from jaxnets.spec import data_input_shape
 from torchref.models import build_model
 from torchref.numerics import read_torch_numerics
 from torchref.optim import make_optimizer
@@ -58,7 +59,8 @@ class Trainer:
                  dtype: str = "float32", device: str = "cpu"):
         self.cfg = cfg
         self.dtype, self.device = getattr(torch, dtype), torch.device(device)
-        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        self.model = model if model is not None else build_model(
+            cfg["model"], cfg["seed"], data_input_shape(cfg))
         self.model.to(device=self.device, dtype=self.dtype)
         self.reverse_batches = False
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
@@ -148,18 +150,25 @@ class Trainer:
 
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
-        """The loss of one batch and its gradient for every parameter (torch names, layouts)."""
+        """The loss of one batch and its gradient for every parameter (torch names, layouts),
+        in train mode (batch statistics, the next dropout masks); the state it updates
+        (running statistics, dropout's draw counter) is put back as it was."""
+        state = {k: v.clone() for k, v in self.model.state_dict().items()
+                 if k not in dict(self.model.named_parameters())}
+        self.model.train()
         self.model.zero_grad()
         loss = self.loss_fn(self.model(self.tensor(x)), self.tensor(y))
         loss.backward()
         grads = {name: p.grad.detach().cpu().numpy().copy()
                  for name, p in self.model.named_parameters()}
         self.model.zero_grad()
+        self.model.load_state_dict(state, strict=False)
         return float(loss.detach()), grads
 
     @torch.no_grad()
     def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Every step's output (NCHW where 4-D), with the current parameters."""
+        """Every step's output (NCHW where 4-D), with the current parameters, in eval mode."""
+        self.model.eval()
         return [(name, out.cpu().numpy()) for name, out in
                 self.model.forward_layers(self.tensor(x))]
 
@@ -168,8 +177,12 @@ class Trainer:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the parameters (PyTorch names and layouts) and restart the optimizer."""
-        expected = self.model.state_dict()
+        """Replace the parameters and buffers (PyTorch names and layouts) and restart the
+        optimizer; buffers the arrays lack (``num_batches_tracked``, which Flax does not keep;
+        dropout's ``draws``) keep their values."""
+        params = dict(self.model.named_parameters())
+        expected = {k: v for k, v in self.model.state_dict().items()
+                    if k in params or k in arrays}
         problems = mismatches({k: tuple(v.shape) for k, v in expected.items()}, arrays)
         if problems:
             raise ConversionError(f"weights do not match {type(self.model).__name__} "

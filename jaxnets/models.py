@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnets.conv import conv_general_dilated_im2col, max_pool_2x2, use_im2col
+from jaxnets.conv import conv_for, max_pool_2x2
 from jaxnets.init import linear_inits
 
 ACTIVATIONS = {
@@ -74,11 +74,10 @@ def _linear(fan_in: int, fan_out: int, init: str, init_std: float, rngs: nnx.Rng
 
 def _conv(c_in: int, c_out: int, kernel: int, padding: int, init: str, init_std: float,
           rngs: nnx.Rngs, impl: str = "lax") -> nnx.Conv:
-    """``impl``: "lax", "im2col" or "auto" (``jaxnets.conv``)."""
-    extra = ({"conv_general_dilated": conv_general_dilated_im2col}
-             if use_im2col(impl) else {})
+    """``impl``: ``model.conv`` ("auto", "lax", "canonical", "im2col"; ``jaxnets.conv``)."""
     return nnx.Conv(c_in, c_out, (kernel, kernel), padding=((padding, padding),) * 2, rngs=rngs,
-                    **linear_inits(init, c_in * kernel * kernel, init_std), **extra)
+                    **linear_inits(init, c_in * kernel * kernel, init_std),
+                    conv_general_dilated=conv_for(impl))
 
 
 class MLP(Net):

@@ -24,11 +24,16 @@ gradients as canonical convolutions of explicitly transposed operands gives the 
 numbers as ``lax.conv``'s autodiff (parity_tests/test_conv_path.py checks every bit) and
 keeps every convolution of the scanned epoch on Eigen.
 
-Why not im2col for "auto": measured interleaved in one process on a 2-core x86-64 CPU
-(bench/xla_conv_fallback.py --compare), the canonical path beats im2col in the scanned
-training step for the seed networks' convolutions; im2col's patches cost kh*kw times the
-input's memory traffic. (A thin 1-input-channel convolution as shift-and-multiply-add was
-measured too, see ``THIN_CONV_NOTE``.)
+Why not im2col for "auto". Measured interleaved in one process (``python
+bench/xla_conv_fallback.py --compare``, 2-core x86-64, a shared and so noisy machine: the
+ratios are indicative), one training step inside the scan, canonical against im2col:
+LeNet's conv2 29 against 37 ms, SimpleNet's conv2 83 against 206, ConvNet's conv2 19 against
+22; the forward alone (inference) 3.1 against 7.8, 28 against 229, 7.7 against 8.1 ms. For
+one input channel (the first layers) im2col's training step was faster (6.3 against 13.1,
+45 against 64, 15 against 26 ms) because of its kernel gradient, so "auto" takes that
+layer's kernel gradient as a matmul (:func:`_kernel_gradient_matmul`) and keeps the
+canonical forward and input gradient: inference (the forward alone) is ``lax.conv``'s own
+forward everywhere.
 """
 
 from __future__ import annotations
@@ -56,19 +61,23 @@ def _conv(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None, gro
         dimension_numbers=NHWC, feature_group_count=groups, precision=precision)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def conv_canonical(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                    padding: Pairs, dilation: tuple[int, ...], groups: int,
-                   precision: jax.lax.PrecisionLike = None) -> jax.Array:
+                   precision: jax.lax.PrecisionLike = None,
+                   kernel_gradient: str = "conv") -> jax.Array:
     """``lax.conv_general_dilated`` in NHWC/HWIO with explicit ``padding`` pairs, whose
     gradients are canonical convolutions too. x: (N, H, W, C), kernel: (kh, kw, C/groups, O)
-    -> (N, H', W', O)."""
+    -> (N, H', W', O). ``kernel_gradient="matmul"``: the kernel gradient as one patches^T @ dy
+    matmul instead (:func:`_kernel_gradient_matmul`, for one input channel)."""
     return _conv(x, kernel, strides, padding, rhs_dilation=dilation, groups=groups,
                  precision=precision)
 
 
-def _canonical_forward(x, kernel, strides, padding, dilation, groups, precision):
-    y = conv_canonical(x, kernel, strides, padding, dilation, groups, precision)
+def _canonical_forward(x, kernel, strides, padding, dilation, groups, precision,
+                       kernel_gradient):
+    y = conv_canonical(x, kernel, strides, padding, dilation, groups, precision,
+                       kernel_gradient)
     return y, (x, kernel)
 
 
@@ -92,17 +101,22 @@ def _input_gradient(dy, kernel, x_shape, strides, padding, dilation, groups, pre
                  rhs_dilation=dilation, groups=groups, precision=precision)
 
 
+def _read_padding(x, dy, kernel_shape, strides, padding, dilation) -> list[tuple[int, int]]:
+    """The padding the forward's windows actually read: the high side trimmed to the rows
+    the last strided window reaches."""
+    return [(lo, (k - 1) * d + (size_out - 1) * s + 1 - size - lo)
+            for size, size_out, k, s, d, (lo, _) in zip(
+                x.shape[1:-1], dy.shape[1:-1], kernel_shape[:-2], strides, dilation, padding,
+                strict=True)]
+
+
 def _kernel_gradient(x, dy, kernel_shape, strides, padding, dilation, groups, precision):
     """d kernel (kh, kw, C/g, O): x transposed to (C, H, W, N) as the batch, convolved with
     dy transposed to (H', W', N, O) as the kernel (the stride becomes the kernel's dilation,
     the dilation the window stride), transposed back; one convolution per group."""
     spatial = len(kernel_shape) - 2
-    kh_kw = kernel_shape[:spatial]
     c_group, out = kernel_shape[-2:]
-    # the high padding the forward's windows actually read
-    pads = [(lo, (k - 1) * d + (size_out - 1) * s + 1 - size - lo)
-            for size, size_out, k, s, d, (lo, _) in zip(
-                x.shape[1:-1], dy.shape[1:-1], kh_kw, strides, dilation, padding, strict=True)]
+    pads = _read_padding(x, dy, kernel_shape, strides, padding, dilation)
     to_batch = (x.ndim - 1, *range(1, x.ndim - 1), 0)       # (N, H, W, C) -> (C, H, W, N)
     to_kernel = (*range(1, dy.ndim - 1), 0, dy.ndim - 1)    # (N, H', W', O) -> (H', W', N, O)
     back = (*range(1, spatial + 1), 0, spatial + 1)          # (C, kh, kw, O) -> (kh, kw, C, O)
@@ -117,10 +131,37 @@ def _kernel_gradient(x, dy, kernel_shape, strides, padding, dilation, groups, pr
     return per_group[0] if groups == 1 else jnp.concatenate(per_group, axis=-1)
 
 
-def _canonical_backward(strides, padding, dilation, groups, precision, residuals, dy):
+def _kernel_gradient_matmul(x, dy, kernel_shape, strides, padding, dilation, precision):
+    """d kernel (kh, kw, C, O) = patches^T @ dy, the patches (N*H'*W', kh*kw*C) read from x
+    padded, at the forward's strides and dilation. For one input channel (a first layer)
+    the canonical kernel gradient is a convolution with a batch of 1 and a (H', W') kernel
+    that Eigen parallelises poorly: measured in the scanned training step (2-core x86-64,
+    interleaved, bench/xla_conv_fallback.py --compare) this matmul took 0.5-0.7x its time
+    for LeNet's, SimpleNet's and ConvNet's first convolutions."""
+    kh, kw, c, o = kernel_shape
+    (s_h, s_w), (d_h, d_w) = strides, dilation
+    _, h_out, w_out, _ = dy.shape
+    pads = _read_padding(x, dy, kernel_shape, strides, padding, dilation)
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                         [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
+    patches = jnp.stack([padded[:, i * d_h:i * d_h + (h_out - 1) * s_h + 1:s_h,
+                                j * d_w:j * d_w + (w_out - 1) * s_w + 1:s_w, :]
+                         for i in range(kh) for j in range(kw)], axis=3)
+    dk = jnp.matmul(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, o),
+                    precision=precision)
+    return dk.reshape(kernel_shape)
+
+
+def _canonical_backward(strides, padding, dilation, groups, precision, kernel_gradient,
+                        residuals, dy):
     x, kernel = residuals
     dx = _input_gradient(dy, kernel, x.shape, strides, padding, dilation, groups, precision)
-    dk = _kernel_gradient(x, dy, kernel.shape, strides, padding, dilation, groups, precision)
+    if kernel_gradient == "matmul":
+        dk = _kernel_gradient_matmul(x, dy, kernel.shape, strides, padding, dilation,
+                                     precision)
+    else:
+        dk = _kernel_gradient(x, dy, kernel.shape, strides, padding, dilation, groups,
+                              precision)
     return dx, dk
 
 
@@ -147,8 +188,8 @@ def _is_nhwc(dimension_numbers) -> bool:
 def conv_general_dilated_canonical(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                    rhs_dilation=None, dimension_numbers=None,
                                    feature_group_count=1, batch_group_count=1, precision=None,
-                                   preferred_element_type=None, out_sharding=None
-                                   ) -> jax.Array:
+                                   preferred_element_type=None, out_sharding=None,
+                                   kernel_gradient: str = "conv") -> jax.Array:
     """``lax.conv_general_dilated``'s signature routed through :func:`conv_canonical` for
     every 2-D NHWC/HWIO convolution (what ``nnx.Conv`` asks for: any kernel, stride,
     padding, dilation and groups); anything else (input dilation, batch groups, other
@@ -168,14 +209,17 @@ def conv_general_dilated_canonical(lhs, rhs, window_strides, padding, lhs_dilati
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
     return conv_canonical(lhs, rhs, strides, pads, tuple(int(d) for d in dilation),
-                          int(feature_group_count), precision)
+                          int(feature_group_count), precision, kernel_gradient)
 
 
 def _conv_auto(*args, **kwargs) -> jax.Array:
     """The canonical path on the CPU, ``lax`` on every other platform, picked when the
     computation is lowered for the device it runs on."""
     def on_cpu(lhs, rhs):
-        return conv_general_dilated_canonical(lhs, rhs, *args[2:], **kwargs)
+        # one input channel: the kernel gradient as a matmul (_kernel_gradient_matmul)
+        thin = rhs.shape[-2] == 1 and kwargs.get("feature_group_count", 1) == 1
+        return conv_general_dilated_canonical(lhs, rhs, *args[2:], **kwargs,
+                                              kernel_gradient="matmul" if thin else "conv")
 
     def elsewhere(lhs, rhs):
         return jax.lax.conv_general_dilated(lhs, rhs, *args[2:], **kwargs)

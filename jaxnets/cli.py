@@ -314,8 +314,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--modes {args.modes!r}, --repeats {args.repeats}, --steps "
                           f"{args.steps}: modes are jit_step, scan, stream, eager, compile; "
                           f"repeats and steps at least 1")
-    from bench import measure, report
+    from bench import measure, report, timing
 
+    threads = timing.set_threads()
+    print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
           f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
@@ -324,7 +326,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
                                      args.device, modes)
     out = Path(args.out or "runs/bench")
-    report.write(out, report.machine_info(args.device, peak), rows,
+    report.write(out, report.machine_info(args.device, peak, threads), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
     return 0

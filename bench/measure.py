@@ -75,6 +75,7 @@ def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
     result = {"jax_gflops": flops / jax_t["median_s"] / 1e9,
               "torch_gflops": flops / torch_t["median_s"] / 1e9}
     result["matmul_peak_gflops"] = max(result.values())
+    result["matmul_peak_unstable"] = jax_t["unstable"] + torch_t["unstable"]
     return result
 
 

@@ -98,7 +98,9 @@ def markdown(machine: dict[str, Any], rows: list[dict], command: str) -> str:
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + ".",
         f"Measured float32 matmul peak ({2048}^3): {machine['matmul_peak_gflops']:.1f} GFLOP/s "
-        f"(JAX {machine['jax_gflops']:.1f}, PyTorch {machine['torch_gflops']:.1f}).", "",
+        f"(JAX {machine['jax_gflops']:.1f}, PyTorch {machine['torch_gflops']:.1f})"
+        + (f", unstable: {'; '.join(machine['matmul_peak_unstable'])}."
+           if machine.get("matmul_peak_unstable") else "."), "",
         "Samples/s are medians over the repeats (min-max in brackets), the modes of a config "
         "timed in turn within each repeat (A B C A B C ...); spread is the slowest repeat "
         "over the fastest; other cores is the CPU that other processes used while the modes "

@@ -320,7 +320,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
-          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
+          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})"
+          + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
+             if peak["matmul_peak_unstable"] else ""))
     rows = []
     for cfg in _configs_on_images(args.configs, args.dataset):
         rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,

@@ -70,9 +70,10 @@ def test_unstable_modes_are_left_out_of_the_ratios():
     assert "| c | scan | 3.00x | - | 3.00x | - | - |" in table
     machine = {"platform": "p", "cpu_count": 2, "torch_threads": 2, "jax_devices": ["cpu"],
                "versions": {}, "matmul_peak_gflops": 1.0, "jax_gflops": 1.0,
-               "torch_gflops": 1.0}
+               "torch_gflops": 1.0, "matmul_peak_unstable": ["spread 1.50 > 1.3"]}
     text = report.markdown(machine, rows, "cmd")
     assert "| c | jit_step (!) |" in text and "- c compile train: other processes" in text
+    assert "PyTorch 1.0), unstable: spread 1.50 > 1.3." in text
 
 
 def test_a_competing_process_flags_the_measurement():

@@ -181,15 +181,16 @@ def test_auto_is_resolved_where_the_computation_is_placed():
         return [labels.replace(" ", "") for labels in re.findall(
             r"stablehlo.convolution.*? dim_numbers = (\[.*?\]x\[.*?\]->\[.*?\])", text)]
 
-    # the canonical VJP on the CPU: 2 forwards, conv2's input gradient and 2 kernel
-    # gradients, all NHWC/HWIO; lax's autodiff for a GPU: its own transposed layouts
-    assert dimension_numbers(lowered_for("cpu")) == ["[b,0,1,f]x[0,1,i,o]->[b,0,1,f]"] * 5
+    # the canonical VJP on the CPU: 2 forwards, conv2's input and kernel gradients (conv1's
+    # kernel gradient is a matmul), all NHWC/HWIO; lax's autodiff for a GPU: 5, in its own
+    # transposed layouts
+    assert dimension_numbers(lowered_for("cpu")) == ["[b,0,1,f]x[0,1,i,o]->[b,0,1,f]"] * 4
     cuda = dimension_numbers(lowered_for("cuda"))
     assert len(cuda) == 5 and set(cuda) != {"[b,0,1,f]x[0,1,i,o]->[b,0,1,f]"}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", SEED_CONVS)
+@pytest.mark.parametrize("shape", SEED_CONVS[:2] + SEED_CONVS[3:4])  # 1, 6 and 20 channels in
 def test_im2col_equals_lax_conv(shape, dtype):
     n, size, c, o, k, pad = shape
     rng = np.random.default_rng(sum(shape))

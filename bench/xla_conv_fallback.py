@@ -11,8 +11,9 @@ the milliseconds per training step of ``lax.conv``'s autodiff and of the same co
 with a custom VJP whose gradients are written as canonical NHWC/HWIO convolutions
 (``jaxnets.conv.conv_canonical`` does this for the project), each as one jitted call per step
 and inside a ``lax.scan``, plus the non-canonical convolutions of each compiled program.
-``--compare`` adds ``jaxnets``' own paths (lax, canonical, im2col) for every seed network
-convolution, timed interleaved (A B C A B C ...) in this one process.
+``--compare`` adds ``jaxnets``' own paths (lax, canonical, im2col, auto) for every seed
+network convolution, timed interleaved (A B C A B C ...) in this one process; ``--models``
+the seed CNNs whole, per ``model.conv``.
 """
 
 from __future__ import annotations
@@ -148,16 +149,47 @@ def compare(repeats: int) -> None:
             for impl in IMPLS))
 
 
+def compare_models(repeats: int, steps: int = 50) -> None:
+    """The seed CNNs whole, per ``model.conv`` path, interleaved: ``steps`` scanned training
+    steps on Fashion-MNIST and inference over its 10,000 test images, samples/s."""
+    from bench.measure import bench_unit
+    from bench.timing import timed_interleaved
+    from jaxnets.config import data_overrides, load_config
+    from jaxnets.data import load_dataset
+    from jaxnets.train import Trainer
+
+    for name in ("convnet_mnist", "simplenet_mnist", "lenet_mnist"):
+        overrides = data_overrides("fashion_mnist", None)
+        data = load_dataset(load_config(name, overrides)["data"])
+        units, examples = {}, {}
+        for impl in ("im2col", "auto", "lax"):
+            cfg, unit_data, epochs = bench_unit(
+                load_config(name, [*overrides, f"model.conv={impl}"]), data, steps)
+            trainer = Trainer(cfg, unit_data)
+            units[f"{impl} train"] = (
+                lambda t=trainer, e=epochs: t.train_epochs(e, progress=False), lambda: None)
+            units[f"{impl} infer"] = (trainer.evaluate, lambda: None)
+            examples[f"{impl} train"] = steps * cfg["train"]["batch_size"]
+            examples[f"{impl} infer"] = len(trainer.test_x)
+        for unit, r in timed_interleaved(units, repeats).items():
+            print(f"{name} {unit:<13} {examples[unit] / r['median_s']:>9,.0f}/s  spread "
+                  f"{r['spread']:.2f}, other processes {r['competing_cores']:.2f} cores")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare", action="store_true",
                         help="also time jaxnets' conv paths on every seed convolution")
+    parser.add_argument("--models", action="store_true",
+                        help="also time the seed CNNs whole per model.conv path")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()}")
     reproduce(args.repeats)
     if args.compare:
         compare(args.repeats)
+    if args.models:
+        compare_models(args.repeats)
 
 
 if __name__ == "__main__":

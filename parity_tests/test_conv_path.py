@@ -243,7 +243,7 @@ def test_max_pool_equals_nnx_with_ties(shape, dtype):
         np.testing.assert_array_equal(g_ours, g_ref)  # same routing: the first maximum
 
 
-@pytest.mark.parametrize("name", ["lenet_mnist", "simplenet_mnist", "convnet_mnist"])
+@pytest.mark.parametrize("name", ["simplenet_mnist"])  # 1 -> 20 and 20 -> 20 channels
 def test_models_agree_across_conv_paths(name):
     x = jnp.asarray(np.random.default_rng(1).random((4, 28, 28, 1)), jnp.float32)
     outputs = {}

@@ -325,18 +325,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
-    from bench import measure, report
+    from bench import measure, report, timing
     from jaxnets.data import load_dataset
 
+    threads = timing.set_threads()
+    print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
-          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
+          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})"
+          + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
+             if peak["matmul_peak_unstable"] else ""))
     rows = []
     for cfg in _configs_on_images(args.configs, args.dataset):
         rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
                                      args.device, modes)
     out = Path(args.out or "runs/bench")
-    report.write(out, report.machine_info(args.device, peak), rows,
+    report.write(out, report.machine_info(args.device, peak, threads), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
     return 0

@@ -43,6 +43,43 @@ def conv_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
 
 
+# torch BatchNorm/LayerNorm names -> Flax nnx.BatchNorm/nnx.LayerNorm names (same layouts);
+# torch's num_batches_tracked has no Flax counterpart and is dropped
+NORM_TORCH_TO_FLAX = {"weight": "scale", "bias": "bias", "running_mean": "mean",
+                      "running_var": "var", "num_batches_tracked": None}
+
+
+def norm_torch_to_flax(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A norm layer's tensors ``{"weight", "bias", "running_mean", "running_var",
+    "num_batches_tracked"}`` -> ``{"scale", "bias", "mean", "var"}``: renamed, values kept."""
+    return {NORM_TORCH_TO_FLAX[name]: np.asarray(value) for name, value in tensors.items()
+            if NORM_TORCH_TO_FLAX.get(name)}
+
+
+def torch_running_var_as_flax(new: np.ndarray, old: np.ndarray, momentum: float,
+                              count: int) -> np.ndarray:
+    """torch BatchNorm updates ``running_var`` with the *unbiased* batch variance (times
+    count/(count-1)); nnx.BatchNorm with the biased one. From torch's update
+    ``new = (1-m) old + m var_unbiased``, the value Flax computes from the same batch."""
+    unbiased = (new - (1 - momentum) * old) / momentum
+    return (1 - momentum) * old + momentum * unbiased * (count - 1) / count
+
+
+def embedding_torch_to_flax(weight: np.ndarray) -> np.ndarray:
+    """torch.nn.Embedding ``weight`` and nnx.Embed ``embedding`` are both (num, features)."""
+    return np.asarray(weight)
+
+
+def activation_torch_to_flax(array: np.ndarray) -> np.ndarray:
+    """An image activation NCHW (torch) -> NHWC (Flax convolutions); other ranks unchanged."""
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1)) if array.ndim == 4 else array
+
+
+def activation_flax_to_torch(array: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`activation_torch_to_flax`: NHWC -> NCHW."""
+    return np.ascontiguousarray(array.transpose(0, 3, 1, 2)) if array.ndim == 4 else array
+
+
 _TO_FLAX = {2: linear_torch_to_flax, 4: conv_torch_to_flax}
 _TO_TORCH = {2: linear_flax_to_torch, 4: conv_flax_to_torch}
 

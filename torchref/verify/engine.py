@@ -270,6 +270,7 @@ def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dty
 
     pair = Pair(torch_model, flax_model, dtype, layout)
     set_mode(pair.torch, pair.flax, "eval")
+    set_mode(pair.reference, None, "eval")
     with torch.no_grad():
         _, t_calls = torch_forward(pair.torch, torch.tensor(x, dtype=getattr(torch, dtype)))
     runner = FlaxRunner(pair.flax)

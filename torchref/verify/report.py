@@ -103,8 +103,10 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
             else first.layer
         return where, f"not equivalent: {where}: {first.layer} {_describe(first)}"
     worst = max(report.rows, key=lambda r: r.margin, default=None)
-    what = "within float32 precision noise of PyTorch (float64 reference)" \
-        if report.dtype != "float64" else "within the float64 tolerances"
+    what = {"float32": "within float32 precision noise of PyTorch (float64 reference)",
+            "float64": "within the float64 tolerances",
+            "both": "within float32 precision noise of PyTorch (float64 reference) and within "
+                    "the float64 tolerances"}[report.dtype]
     return None, (f"equivalent: {len(report.rows)} checks, every one {what}"
                   + (f"; closest: {worst.layer} {worst.check} ({worst.mode}, {worst.dtype}) at "
                      f"{worst.margin:.2g}x its bound" if worst else ""))

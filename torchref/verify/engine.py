@@ -263,8 +263,8 @@ def prove_mapping(pair: Pair, mapping: Mapping, t_calls, seed: int) -> list[Row]
 
 
 def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dtype: str,
-                 layout: str, mapping: Mapping | str | None, seed: int) -> tuple[list[Row],
-                                                                           Mapping, list]:
+                 layout: str, mapping: Mapping | str | None, seed: int,
+                 modes: tuple[str, ...] = MODES) -> tuple[list[Row], Mapping, list]:
     """Every row for one dtype, the mapping used, and the torch execution order."""
     import torch
 
@@ -287,7 +287,7 @@ def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dty
         used = propose(pair.torch, pair.flax, [c.name for c in t_calls], runner.order)
     load_into_flax(used, pair.torch, pair.flax)
     rows = prove_mapping(pair, used, t_calls, seed)
-    for mode in MODES:
+    for mode in modes:
         rows += compare_mode(pair, used, x, targets, loss, mode)
     return rows, used, [c.name for c in t_calls]
 
@@ -296,11 +296,12 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
            loss: str = "cross_entropy", torch_optimizer: Callable | None = None,
            flax_optimizer: Any = None, steps: int = 0, dtype: str = "float32",
            mapping: Mapping | str | None = None, out: str | None = None,
-           flax_layout: str = "nhwc", seed: int = 0) -> Report:
+           flax_layout: str = "nhwc", seed: int = 0,
+           modes: tuple[str, ...] = MODES) -> Report:
     """Verify that ``flax_model`` (an NNX module) computes what ``torch_model`` (an
     ``nn.Module``) computes. ``inputs``: a NumPy array in PyTorch's layout (4-D inputs reach
     the Flax model as NHWC unless ``flax_layout="same"``). ``dtype``: "float32", "float64" or
-    "both". Returns a :class:`Report` (``passed``, ``first_divergent_layer``, ``verdict``,
+    "both". ``modes``: eval and train (dropout off) by default. Returns a :class:`Report` (``passed``, ``first_divergent_layer``, ``verdict``,
     ``rows``); with ``out`` also writes report.json, report.md, mapping.toml and a figure."""
     import torch
 
@@ -322,7 +323,7 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
     rows, used, order = [], None, []
     for dt in dtypes:
         dt_rows, used, order = verify_dtype(torch_model, flax_model, x, targets, loss, dt,
-                                            flax_layout, used or mapping, seed)
+                                            flax_layout, used or mapping, seed, modes)
         rows += dt_rows
     if steps or torch_optimizer is not None:
         from torchref.verify.training import training_rows

@@ -1,0 +1,156 @@
+"""``jaxnets verify`` on ports written the way users write them (``parity_tests/foreign``):
+correct ones pass in eval and train mode; each planted porting bug is named at its layer; the
+mapping proposal reads back; the command's exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from jaxnets.cli import main
+from jaxnets.errors import ConfigError
+from parity_tests.foreign import cnn, mixer
+from torchref.verify import assert_port_equivalent, verify
+from torchref.verify.mapping import read_mapping
+
+SHAPES = {"cnn": (8, 1, 14, 14), "mixer": (8, mixer.TOKENS, mixer.PATCH)}
+PAIRS = {"cnn": cnn, "mixer": mixer}
+
+
+def inputs(name: str, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(SHAPES[name]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Both correct pairs, float32, eval and train mode, with report files."""
+    out = {}
+    for name, module in PAIRS.items():
+        where = tmp_path_factory.mktemp(name)
+        out[name] = (verify(module.make_torch(), module.make_flax(), inputs(name), out=where),
+                     where)
+    return out
+
+
+def test_cnn_port_passes_every_check(reports):
+    report, where = reports["cnn"]
+    assert report.passed and report.first_divergent_layer is None, report.verdict
+    # nn.Sequential indices paired with the port's own names, by execution order and kind
+    assert report.mapping.layers == [("0", "conv"), ("1", "norm"), ("6", "hidden"),
+                                     ("8", "logits")]
+    assert report.mapping.params["1.running_var"] == ("norm.var", "same")
+    assert report.mapping.params["0.weight"] == ("conv.kernel", "conv_torch_to_flax")
+    kinds = {(r.check, r.mode) for r in report.rows}
+    for mode in ("eval", "train"):
+        assert {("forward", f"propagated {mode}"), ("forward", f"shadow {mode}"),
+                ("backward", f"propagated {mode}"), ("backward", f"shadow {mode}"),
+                ("params", f"propagated {mode}"), ("params", f"shadow {mode}")} <= kinds
+    state = {r.layer: r for r in report.rows if r.check == "state"}
+    assert set(state) == {"1.running_mean", "1.running_var"}
+    saved = json.loads((where / "report.json").read_text())
+    assert saved["passed"] and saved["first_divergent_layer"] is None
+    assert {"layer", "check", "mode", "stats", "verdict"} <= set(saved["rows"][0])
+    assert {"max_abs", "mean_abs", "median_abs", "max_rel", "mean_rel", "median_rel",
+            "cosine"} <= set(saved["rows"][0]["stats"])
+    assert (where / "report.md").read_text().startswith("# jaxnets verify (float32)")
+    assert (where / "errors.png").stat().st_size > 0
+
+
+def test_mixer_port_passes_and_names_its_layers(reports):
+    report, _ = reports["mixer"]
+    assert report.passed, report.verdict
+    assert dict(report.mapping.layers) == {
+        "embed": "patch_proj", "norm1": "ln_tokens", "token_mlp.0": "mix_a",
+        "token_mlp.2": "mix_b", "norm2": "ln_channels", "channel_mlp.0": "up",
+        "channel_mlp.2": "down", "head": "classifier"}
+    assert not report.mapping.problems
+
+
+def test_mapping_round_trip(reports, tmp_path):
+    """The proposal as written to mapping.toml reads back to the same mapping; an edited
+    file naming missing tensors is refused with every problem listed at once."""
+    report, where = reports["mixer"]
+    torch_model, flax_model = mixer.make_torch(), mixer.make_flax()
+    again = read_mapping(where / "mapping.toml", torch_model, flax_model)
+    assert again.params == report.mapping.params and again.layers == report.mapping.layers
+    text = (where / "mapping.toml").read_text()
+    broken = text.replace('"head.bias"', '"head.b"').replace('"down.kernel"', '"down.w"')
+    (tmp_path / "bad.toml").write_text(broken)
+    with pytest.raises(ConfigError) as info:
+        read_mapping(tmp_path / "bad.toml", torch_model, flax_model)
+    message = str(info.value)
+    assert "torch has no tensor head.b" in message and "flax has no variable down.w" in message
+    assert "torch head.bias is not mapped" in message
+    assert "flax down.kernel is not mapped" in message
+
+
+@pytest.mark.parametrize(("pair", "broken", "where"), [
+    ("cnn", "eps", "1"),  # BatchNorm epsilon 1e-3 instead of 1e-5
+    ("cnn", "flatten", "between 1 and 6"),  # flattened NHWC (H, W, C) instead of (C, H, W)
+    ("mixer", "gelu_tanh", "between channel_mlp.0 and channel_mlp.2"),  # jax.nn.gelu's default
+    ("mixer", "eps", "norm2"),  # LayerNorm epsilon 1e-6 (Flax's default) instead of 1e-5
+])
+def test_broken_port_is_named_at_its_layer(pair, broken, where):
+    module = PAIRS[pair]
+    report = verify(module.make_torch(), module.make_flax(broken), inputs(pair),
+                    modes=("eval",))
+    assert not report.passed and report.first_divergent_layer == where, report.verdict
+    bad = [r for r in report.rows if not r.passed]
+    assert all(r.verdict == "bug" and r.margin > 1 for r in bad)
+
+
+def test_transposed_square_kernel_is_named(reports, tmp_path):
+    """A mapping edited to copy a square Linear's weight without the transpose: shapes cannot
+    tell, the layer's proof and shadow checks can."""
+    _, where = reports["mixer"]
+    text = (where / "mapping.toml").read_text().replace(
+        '"token_mlp.0.weight" = { flax = "mix_a.kernel", rule = "linear_torch_to_flax" }',
+        '"token_mlp.0.weight" = { flax = "mix_a.kernel", rule = "same" }')
+    (tmp_path / "mapping.toml").write_text(text)
+    with pytest.raises(AssertionError, match=r"first divergent layer token_mlp\.0:"):
+        assert_port_equivalent(mixer.make_torch(), mixer.make_flax(), inputs("mixer"),
+                               mapping=str(tmp_path / "mapping.toml"), modes=("eval",))
+
+
+def test_cli_float64_passes_and_broken_port_exits_1(tmp_path):
+    spec = "parity_tests/foreign/cnn.py"
+    ok = run_cli("verify", "--torch", f"{spec}:make_torch", "--flax", f"{spec}:make_flax",
+                 "--input-shape", "4,1,14,14", "--dtype", "float64", "--out",
+                 str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("equivalent:")
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["dtype"] == "float64"
+    bad = run_cli("verify", "--torch", f"{spec}:make_torch", "--flax", f"{spec}:make_flax_eps",
+                  "--input-shape", "4,1,14,14", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "first divergent layer 1:" in bad.stdout
+    assert json.loads((tmp_path / "bad" / "report.json").read_text())[
+        "first_divergent_layer"] == "1"
+
+
+SPEC = str(REPO / "parity_tests" / "foreign" / "cnn.py")
+GOOD = ["--flax", f"{SPEC}:make_flax", "--input-shape", "4,1,14,14"]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--torch", "nowhere.py:make", *GOOD], 2, "--torch nowhere.py:make: no file nowhere.py"),
+    (["--torch", f"{SPEC}:missing", *GOOD], 2, "has no callable missing"),
+    (["--torch", SPEC, *GOOD], 2, "expected MODULE:FACTORY"),
+    (["--torch", f"{SPEC}:make_flax", *GOOD], 2, "not a torch.nn.Module"),
+    (["--torch", "parity_tests.foreign.nothing:make", *GOOD], 2,
+     "no module parity_tests.foreign.nothing"),
+    (["--torch", "{raising}:make", *GOOD], 1, "the factory raised RuntimeError: boom"),
+    (["--torch", f"{SPEC}:make_torch", *GOOD[:3], "4,x"], 2, "--input-shape 4,x"),
+    (["--torch", f"{SPEC}:make_torch", *GOOD[:3], "4,3,14,14"], 1,
+     "the torch model rejects input (4, 3, 14, 14)"),
+])
+def test_cli_bad_input_is_one_line(args, code, message, capsys, tmp_path):
+    raising = tmp_path / "raising.py"
+    raising.write_text("def make():\n    raise RuntimeError('boom')\n")
+    args = [a.replace("{raising}", str(raising)) for a in args]
+    assert main(["verify", *args, "--out", str(tmp_path / "out")]) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -97,7 +97,8 @@ class Pair:
 
 
 def _np(t) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    """A copy (a NumPy view of a torch tensor follows its in-place updates)."""
+    return t.detach().cpu().numpy().copy()
 
 
 def _torch_alone(module, x: np.ndarray, cotangent: np.ndarray | None, dtype):
@@ -329,8 +330,8 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         from torchref.verify.training import training_rows
 
         for dt in dtypes:
-            rows += training_rows(torch_model, flax_model, x, targets, loss, dt, flax_layout,
-                                  used, torch_optimizer, flax_optimizer, steps)
+            rows += training_rows(Pair(torch_model, flax_model, dt, flax_layout), used, x,
+                                  targets, loss, torch_optimizer, flax_optimizer, steps)
     report = Report(rows=rows, mapping=used, torch_order=order, dtype=dtype)
     report.first_divergent_layer, report.verdict = first_divergence(report)
     report.passed = report.first_divergent_layer is None and not used.problems

@@ -22,7 +22,7 @@ from jaxnets import convert
 from jaxnets.errors import ConfigError
 
 RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "same": np.asarray,
+    "same": np.array,  # a copy: a torch tensor's NumPy view would follow its in-place updates
     "linear_torch_to_flax": convert.linear_torch_to_flax,
     "conv_torch_to_flax": convert.conv_torch_to_flax,
     "embedding_torch_to_flax": convert.embedding_torch_to_flax,

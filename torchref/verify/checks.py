@@ -117,4 +117,9 @@ def judge(layer: str, check: str, mode: str, dtype: str, candidate: np.ndarray,
         bound = noise_bound(torch_error, stats["scale"])
         passed = stats["max_abs"] <= bound
         verdict = "precision noise" if passed else "bug"
-    return Row(layer, check, mode, dtype, stats, torch_error, bound, verdict, passed, flax_name)
+    row = Row(layer, check, mode, dtype, stats, torch_error, bound, verdict, passed, flax_name)
+    if torch_candidate is not None:  # Flax against PyTorch at the same precision, as shown
+        against_torch = statistics(candidate, torch_candidate)
+        row.extra = {"vs_torch_max_abs": against_torch["max_abs"],
+                     "vs_torch_max_rel": against_torch["max_rel"]}
+    return row

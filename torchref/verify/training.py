@@ -118,7 +118,8 @@ def training_rows(pair, mapping, x: np.ndarray, target, loss: str, torch_optimiz
     """Rows for every step, free-running and resynced, and the optimizer state."""
     import torch
 
-    from torchref.verify.engine import flax_loss, load_into_flax, set_mode, torch_loss
+    from torchref.verify.mapping import load_into_flax
+    from torchref.verify.pair import flax_loss, set_mode, torch_loss
 
     if torch_optimizer is None or flax_optimizer is None:
         raise JaxnetsError("optimizer steps need both torch_optimizer and flax_optimizer")

@@ -115,20 +115,51 @@ def test_transposed_square_kernel_is_named(reports, tmp_path):
                                mapping=str(tmp_path / "mapping.toml"), modes=("eval",))
 
 
-def test_cli_float64_passes_and_broken_port_exits_1(tmp_path):
+def test_cli_float64_passes(tmp_path):
+    """Its own process: float64 turns on JAX's global x64 switch."""
     spec = "parity_tests/foreign/cnn.py"
     ok = run_cli("verify", "--torch", f"{spec}:make_torch", "--flax", f"{spec}:make_flax",
-                 "--input-shape", "4,1,14,14", "--dtype", "float64", "--out",
-                 str(tmp_path / "ok"))
+                 "--input-shape", "4,1,14,14", "--dtype", "float64", "--out", str(tmp_path))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("equivalent:")
-    assert json.loads((tmp_path / "ok" / "report.json").read_text())["dtype"] == "float64"
-    bad = run_cli("verify", "--torch", f"{spec}:make_torch", "--flax", f"{spec}:make_flax_eps",
-                  "--input-shape", "4,1,14,14", "--out", str(tmp_path / "bad"))
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "first divergent layer 1:" in bad.stdout
-    assert json.loads((tmp_path / "bad" / "report.json").read_text())[
-        "first_divergent_layer"] == "1"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dtype"] == "float64" and report["passed"]
+    assert {r["verdict"] for r in report["rows"]} == {"agrees"}
+
+
+def test_cli_broken_port_exits_1_naming_the_layer(tmp_path, capsys):
+    spec = str(REPO / "parity_tests" / "foreign" / "cnn.py")
+    code = main(["verify", "--torch", f"{spec}:make_torch", "--flax", f"{spec}:make_flax_eps",
+                 "--input-shape", "4,1,14,14", "--out", str(tmp_path)])
+    assert code == 1
+    assert "first divergent layer 1:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["first_divergent_layer"] == "1"
+
+
+def test_optimizer_steps_free_running_and_resynced():
+    """The user's torch.optim.Adam against their Optax set-up, three steps; a learning rate
+    1 % off is named at the first step, in the resynced run (one step's own bias, not
+    accumulated drift)."""
+    import torch
+
+    from jaxnets.optim import adam
+
+    def torch_adam(params):
+        return torch.optim.Adam(params, lr=1e-2)
+
+    def run(tx):
+        return verify(cnn.make_torch(), cnn.make_flax(), inputs("cnn"), modes=("eval",),
+                      torch_optimizer=torch_adam, flax_optimizer=tx, steps=3)
+
+    good = run(adam(1e-2))
+    assert good.passed, good.verdict
+    modes = {(r.check, r.mode) for r in good.rows}
+    assert {("step", "resynced"), ("step", "free-running"), ("loss", "resynced")} <= modes
+    slots = {r.check for r in good.rows if r.check.startswith("state ")}
+    assert slots == {"state exp_avg", "state exp_avg_sq", "state step count"}
+    bad = run(adam(1.01e-2))
+    assert bad.first_divergent_layer == "step 1", bad.verdict
+    assert "resynced" in bad.verdict
 
 
 SPEC = str(REPO / "parity_tests" / "foreign" / "cnn.py")

@@ -77,7 +77,8 @@ class Mapping:
 
     def to_toml(self) -> str:
         lines = ["# jaxnets verify: torch tensor -> Flax variable, and the layout rule that",
-                 f"# converts it (rules: {', '.join(RULES)}). Edit and pass back with --mapping.",
+                 "# converts it. Edit and pass back with --mapping. Rules:",
+                 f"# {', '.join(RULES)}",
                  "", "[layers]  # torch module = flax module, in execution order"]
         lines += [f'"{t}" = "{f}"' for t, f in self.layers]
         lines += ["", "[params]"]

@@ -163,6 +163,7 @@ def test_optimizer_steps_free_running_and_resynced():
 
 
 SPEC = str(REPO / "parity_tests" / "foreign" / "cnn.py")
+MIXER = str(REPO / "parity_tests" / "foreign" / "mixer.py")
 GOOD = ["--flax", f"{SPEC}:make_flax", "--input-shape", "4,1,14,14"]
 
 
@@ -175,12 +176,21 @@ GOOD = ["--flax", f"{SPEC}:make_flax", "--input-shape", "4,1,14,14"]
      "no module parity_tests.foreign.nothing"),
     (["--torch", "{raising}:make", *GOOD], 1, "the factory raised RuntimeError: boom"),
     (["--torch", f"{SPEC}:make_torch", *GOOD[:3], "4,x"], 2, "--input-shape 4,x"),
+    (["--torch", f"{MIXER}:make_torch", *GOOD[:3], "4,8,12"], 1,
+     "the Flax model rejects input (4, 8, 12)"),
+    (["--torch", f"{SPEC}:make_torch", "--flax", f"{SPEC}:make_small", *GOOD[2:]], 1,
+     "output shapes differ: torch (4, 10) (in the Flax layout (4, 10)), flax (4, 9)"),
     (["--torch", f"{SPEC}:make_torch", *GOOD[:3], "4,3,14,14"], 1,
      "the torch model rejects input (4, 3, 14, 14)"),
 ])
 def test_cli_bad_input_is_one_line(args, code, message, capsys, tmp_path):
     raising = tmp_path / "raising.py"
     raising.write_text("def make():\n    raise RuntimeError('boom')\n")
+    (tmp_path / "small.py").write_text(
+        "from flax import nnx\n"
+        "def make_small(rngs):\n    return nnx.Sequential(lambda x: x.reshape(x.shape[0], -1),"
+        " nnx.Linear(196, 9, rngs=rngs))\n")
+    args = [a.replace(f"{SPEC}:make_small", str(tmp_path / "small.py:make_small")) for a in args]
     args = [a.replace("{raising}", str(raising)) for a in args]
     assert main(["verify", *args, "--out", str(tmp_path / "out")]) == code
     err = capsys.readouterr().err

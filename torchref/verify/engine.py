@@ -39,13 +39,18 @@ def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dty
     set_mode(pair.torch, pair.flax, "eval")
     set_mode(pair.reference, None, "eval")
     with torch.no_grad():
-        _, t_calls = torch_forward(pair.torch, torch.tensor(x, dtype=getattr(torch, dtype)))
+        t_out, t_calls = torch_forward(pair.torch, torch.tensor(x, dtype=getattr(torch, dtype)))
     runner = FlaxRunner(pair.flax)
     try:
-        runner.forward(jnp.asarray(pair.to_flax(x.astype(dtype))))
-    except (TypeError, ValueError) as exc:
+        f_out = runner.forward(jnp.asarray(pair.to_flax(x.astype(dtype))))[0]
+    except Exception as exc:  # any error the user's Flax module raises on this input
+        text = str(exc).strip()
         raise JaxnetsError(f"the Flax model rejects input {pair.to_flax(x).shape} "
-                           f"({str(exc).splitlines()[0]})") from None
+                           f"({text.splitlines()[0] if text else type(exc).__name__})") from None
+    expected = pair.to_flax(_np(t_out)).shape
+    if tuple(f_out.shape) != expected:
+        raise JaxnetsError(f"output shapes differ: torch {tuple(t_out.shape)} (in the Flax "
+                           f"layout {expected}), flax {tuple(f_out.shape)}")
     if isinstance(mapping, Mapping):
         used = mapping
     elif mapping:

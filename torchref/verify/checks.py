@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Measured (``jaxnets verify`` on the test suite's foreign pairs and the zoo, float32, CPU):
-# the ratio err(flax32)/err(torch32) of correct ports stays below 3 on every layer, check and
-# mode where torch32's own error is non-zero; 8 leaves headroom for other kernels and sizes,
-# while the smallest planted bug (LayerNorm eps 1e-6 vs 1e-5) errs ~50x torch's own error.
+# Measured (``verify`` on parity_tests/foreign's CNN and mixer, two input seeds each, ~160 rows
+# per run, float32 on the CPU): the largest ratio err(flax32)/err(torch32) of these correct ports
+# was 5.7 (2.6, 5.7, 2.2, 1.6 per run); 8 keeps that inside while the smallest planted bug,
+# LayerNorm eps 1e-6 for 1e-5, still lands at 4x its bound.
 NOISE_MARGIN = 8.0
 # Where torch32 happens to be exact (a ReLU, a copy, a sum of a few exact values) its error is
 # 0 and the margin alone would demand bit-exactness; a correct Flax port may still round
 # differently by an ulp or two of the values it sums: 16 ulps of the layer's largest value.
+# (In the runs above Flax was exact wherever torch32 was: the floor is headroom for other
+# kernels, not a measured need.)
 FLOOR_ULPS = 16
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 # The cap: PyTorch's own float32 error sets the bound only while it is itself plausible

@@ -195,3 +195,37 @@ def test_cli_bad_input_is_one_line(args, code, message, capsys, tmp_path):
     assert main(["verify", *args, "--out", str(tmp_path / "out")]) == code
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_embedding_pair_with_token_ids():
+    """Integer inputs reach an Embedding as ids on both sides; nn.Embedding pairs with
+    nnx.Embed (same layout), LayerNorm with nnx.LayerNorm."""
+    import torch
+    from flax import nnx
+    from torch import nn
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(20, 8)
+            self.ln = nn.LayerNorm(8)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, ids):
+            return self.fc(self.ln(self.tok(ids)).mean(1))
+
+    class BagPort(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(20, 8, rngs=rngs)
+            self.norm = nnx.LayerNorm(8, epsilon=1e-5, rngs=rngs)
+            self.out = nnx.Linear(8, 5, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.out(self.norm(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 20, (4, 6))
+    report = verify(Bag(), BagPort(nnx.Rngs(0)), ids, modes=("eval",))
+    assert report.passed, report.verdict
+    assert report.mapping.layers == [("tok", "emb"), ("ln", "norm"), ("fc", "out")]
+    assert report.mapping.params["tok.weight"] == ("emb.embedding", "embedding_torch_to_flax")

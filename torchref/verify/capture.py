@@ -185,6 +185,11 @@ def flax_layer_vjp(module: nnx.Module, x: np.ndarray, cotangent: np.ndarray | No
     def apply(p, inp):
         return nnx.merge(graphdef, p, rest, copy=True)(inp)
 
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):  # token ids: params only
+        out, vjp = jax.vjp(lambda p: apply(p, jnp.asarray(x)), params)
+        if cotangent is None:
+            return out, None, None
+        return out, None, vjp(jnp.asarray(cotangent, out.dtype))[0]
     out, vjp = jax.vjp(apply, params, jnp.asarray(x))
     if cotangent is None:
         return out, None, None

@@ -24,7 +24,16 @@ from torchref.verify.capture import FlaxRunner, torch_forward
 from torchref.verify.checks import Row
 from torchref.verify.layerwise import compare_mode, prove_mapping
 from torchref.verify.mapping import Mapping, load_into_flax, propose, read_mapping
-from torchref.verify.pair import LOSSES, MODES, Pair, _np, make_targets, set_mode
+from torchref.verify.pair import (
+    LOSSES,
+    MODES,
+    Pair,
+    _np,
+    make_targets,
+    model_input,
+    set_mode,
+    torch_input,
+)
 from torchref.verify.report import Report, first_divergence
 
 
@@ -39,10 +48,10 @@ def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dty
     set_mode(pair.torch, pair.flax, "eval")
     set_mode(pair.reference, None, "eval")
     with torch.no_grad():
-        t_out, t_calls = torch_forward(pair.torch, torch.tensor(x, dtype=getattr(torch, dtype)))
+        t_out, t_calls = torch_forward(pair.torch, torch_input(x, dtype))
     runner = FlaxRunner(pair.flax)
     try:
-        f_out = runner.forward(jnp.asarray(pair.to_flax(x.astype(dtype))))[0]
+        f_out = runner.forward(jnp.asarray(pair.to_flax(model_input(x, dtype))))[0]
     except Exception as exc:  # any error the user's Flax module raises on this input
         text = str(exc).strip()
         raise JaxnetsError(f"the Flax model rejects input {pair.to_flax(x).shape} "
@@ -88,7 +97,7 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         jax.config.update("jax_enable_x64", True)
     with torch.no_grad():
         try:
-            probe = _np(copy.deepcopy(torch_model).eval()(torch.tensor(x.astype(np.float32))))
+            probe = _np(copy.deepcopy(torch_model).eval()(torch_input(x, "float32")))
         except Exception as exc:  # any error the user's model raises on this input
             raise JaxnetsError(f"the torch model rejects input {x.shape} "
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"

@@ -13,7 +13,15 @@ from jaxnets.convert import torch_running_var_as_flax
 from torchref.verify.capture import FlaxRunner, flat, flax_layer_vjp, torch_forward
 from torchref.verify.checks import Row, judge
 from torchref.verify.mapping import Mapping, torch_tensors
-from torchref.verify.pair import Pair, _np, flax_loss, set_mode, torch_loss
+from torchref.verify.pair import (
+    Pair,
+    _np,
+    flax_loss,
+    model_input,
+    set_mode,
+    torch_input,
+    torch_loss,
+)
 
 
 def _torch_alone(module, x: np.ndarray, cotangent: np.ndarray | None, dtype):
@@ -21,13 +29,15 @@ def _torch_alone(module, x: np.ndarray, cotangent: np.ndarray | None, dtype):
     import torch
 
     layer = copy.deepcopy(module)
-    inp = torch.tensor(x, dtype=dtype, requires_grad=cotangent is not None)
+    floating = np.issubdtype(x.dtype, np.floating)  # integer ids (an Embedding): no input grad
+    inp = torch.tensor(x, dtype=dtype if floating else None,
+                       requires_grad=cotangent is not None and floating)
     out = layer(inp)
     if cotangent is None:
         return _np(out), None, {}
     out.backward(torch.tensor(cotangent, dtype=dtype))
-    return _np(out), _np(inp.grad), {n: _np(p.grad) for n, p in layer.named_parameters()
-                                     if p.grad is not None}
+    return _np(out), _np(inp.grad) if floating else None, {
+        n: _np(p.grad) for n, p in layer.named_parameters() if p.grad is not None}
 
 
 def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
@@ -45,16 +55,16 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
     t_target = None if target is None else torch.tensor(target)
     if t_target is not None and t_target.is_floating_point():
         t_target = t_target.to(tdt)
-    (t_out, t_loss), t_calls = torch_forward(pair.torch, torch.tensor(x, dtype=tdt),
+    (t_out, t_loss), t_calls = torch_forward(pair.torch, torch_input(x, dtype),
                                          torch_loss(loss, t_target))
     r_target = t_target.double() if t_target is not None and t_target.is_floating_point() \
         else t_target
-    (r_out, r_loss), r_calls = torch_forward(pair.reference, torch.tensor(x, dtype=torch.float64),
+    (r_out, r_loss), r_calls = torch_forward(pair.reference, torch_input(x, "float64"),
                                              torch_loss(loss, r_target))
     f_target = None if target is None else (pair.to_flax(target.astype(dtype))
                                             if target.dtype.kind == "f" else target)
     runner = FlaxRunner(pair.flax)
-    f = runner.loss_and_grads(jnp.asarray(pair.to_flax(x.astype(dtype))), f_target,
+    f = runner.loss_and_grads(jnp.asarray(pair.to_flax(model_input(x, dtype))), f_target,
                               flax_loss(loss))
     rows = []
     tc, rc = {c.name: c for c in t_calls}, {c.name: c for c in r_calls}
@@ -76,14 +86,15 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
                           pair.to_flax(_np(t_call.output.grad)), "backward", f_name))
         # shadow: the Flax layer alone on PyTorch's exact input and incoming gradient
         t_in, t_cot = _np(t_call.input), _np(t_call.output.grad)
-        r_out_l, r_gin, r_pg = _torch_alone(r_call.module, t_in.astype(np.float64),
+        r_out_l, r_gin, r_pg = _torch_alone(r_call.module, model_input(t_in, "float64"),
                                             t_cot.astype(np.float64), torch.float64)
         t_out_l, t_gin, t_pg = _torch_alone(t_call.module, t_in, t_cot, tdt)
         f_out_l, f_gin, f_pg = flax_layer_vjp(layer, pair.to_flax(t_in), pair.to_flax(t_cot))
         rows.append(judge(t_name, "forward", f"shadow {m}", dtype, np.asarray(f_out_l),
                           pair.to_flax(r_out_l), pair.to_flax(t_out_l), "forward", f_name))
-        rows.append(judge(t_name, "backward", f"shadow {m}", dtype, np.asarray(f_gin),
-                          pair.to_flax(r_gin), pair.to_flax(t_gin), "backward", f_name))
+        if f_gin is not None:
+            rows.append(judge(t_name, "backward", f"shadow {m}", dtype, np.asarray(f_gin),
+                              pair.to_flax(r_gin), pair.to_flax(t_gin), "backward", f_name))
         f_pg = flat(f_pg)
         for p_name, g in r_pg.items():
             full = f"{t_name}.{p_name}"
@@ -168,7 +179,7 @@ def prove_mapping(pair: Pair, mapping: Mapping, t_calls, seed: int) -> list[Row]
                 torch.int32, torch.int64):  # an embedding: integer input
             x = rng.integers(0, module.num_embeddings, calls[t_name].input.shape)
         else:
-            x = x.astype(pair.dtype)
+            x = model_input(x, pair.dtype)
         ref = _torch_alone(dict(pair.reference.named_modules())[t_name], x, None,
                            torch.float64)[0]
         own = _torch_alone(module, x, None, getattr(torch, pair.dtype))[0]

@@ -88,3 +88,15 @@ class Pair:
 def _np(t) -> np.ndarray:
     """A copy (a NumPy view of a torch tensor follows its in-place updates)."""
     return t.detach().cpu().numpy().copy()
+
+
+def model_input(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Floating-point inputs in the run's dtype; integer inputs (token ids for an Embedding)
+    as they are."""
+    return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+
+
+def torch_input(x: np.ndarray, dtype: str):
+    import torch
+
+    return torch.tensor(model_input(x, dtype))

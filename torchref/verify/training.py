@@ -119,7 +119,7 @@ def training_rows(pair, mapping, x: np.ndarray, target, loss: str, torch_optimiz
     import torch
 
     from torchref.verify.mapping import load_into_flax
-    from torchref.verify.pair import flax_loss, set_mode, torch_loss
+    from torchref.verify.pair import flax_loss, model_input, set_mode, torch_input, torch_loss
 
     if torch_optimizer is None or flax_optimizer is None:
         raise JaxnetsError("optimizer steps need both torch_optimizer and flax_optimizer")
@@ -134,8 +134,8 @@ def training_rows(pair, mapping, x: np.ndarray, target, loss: str, torch_optimiz
     r_loss = torch_loss(loss, t_target.double() if float_target else t_target)
     f_target = None if target is None else (pair.to_flax(target.astype(dtype))
                                             if target.dtype.kind == "f" else target)
-    t_x, r_x = torch.tensor(x, dtype=tdt), torch.tensor(x, dtype=torch.float64)
-    f_x = jnp.asarray(pair.to_flax(x.astype(dtype)))
+    t_x, r_x = torch_input(x, dtype), torch_input(x, "float64")
+    f_x = jnp.asarray(pair.to_flax(model_input(x, dtype)))
     t_opt, r_opt = torch_optimizer(pair.torch.parameters()), torch_optimizer(
         pair.reference.parameters())
     free_ref = copy.deepcopy(pair.reference)  # float64, never resynced

@@ -1,10 +1,11 @@
 """``jaxnets parity``: evidence that each JAX model computes what its PyTorch twin computes.
 
-For every config, from PyTorch's initial weights converted into the Flax model and identical
-inputs: every layer's activations, the loss, every parameter's gradient, one optimizer step,
-and a K-step training trajectory on identical batches. Each check records its max-abs and
-max-relative difference against a stated tolerance; a failed check names the first layer
-whose values differ beyond it, so a broken port points at its own bug.
+A front end of the verification engine (``torchref.verify``): for every config, from PyTorch's
+initial weights converted into the Flax model and identical inputs, the engine's layer-by-layer
+forward and backward (the zoo's pair as any user's pair), the loss, every parameter's gradient;
+then one optimizer step and a K-step training trajectory on identical batches. Each check
+records its max-abs and max-relative difference against a stated tolerance; a failed check
+names the first layer whose values differ beyond it, so a broken port points at its own bug.
 """
 
 from __future__ import annotations
@@ -109,11 +110,6 @@ def diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     absolute = np.abs(a - b)
     return float(absolute.max()), float((absolute / np.maximum(np.abs(b), 1e-30)).max())
-
-
-def nchw(array: np.ndarray) -> np.ndarray:
-    """A JAX activation in PyTorch's layout (NHWC -> NCHW); vectors unchanged."""
-    return array.transpose(0, 3, 1, 2) if array.ndim == 4 else array
 
 
 def layer_of(param_name: str) -> str:

@@ -229,3 +229,29 @@ def test_embedding_pair_with_token_ids():
     assert report.passed, report.verdict
     assert report.mapping.layers == [("tok", "emb"), ("ln", "norm"), ("fc", "out")]
     assert report.mapping.params["tok.weight"] == ("emb.embedding", "embedding_torch_to_flax")
+
+
+def test_running_variance_difference_is_named():
+    """torch's BatchNorm keeps the unbiased batch variance in running_var, nnx.BatchNorm the
+    biased one: the naive comparison differs by momentum * var / (count - 1), the named
+    function agrees to float32 rounding."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from jaxnets.convert import norm_torch_to_flax, torch_running_var_as_flax
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    torch_bn = torch.nn.BatchNorm2d(3).train()
+    before = torch_bn.running_var.detach().numpy().copy()
+    torch_bn(torch.tensor(x))
+    flax_bn = nnx.BatchNorm(3, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    flax_bn.train()
+    flax_bn(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    torch_var = torch_bn.running_var.detach().numpy()
+    flax_var = np.asarray(flax_bn.var.value)
+    assert np.abs(torch_var - flax_var).max() > 1e-3  # 0.1 * ~1 / 99
+    named = torch_running_var_as_flax(torch_var, before, 0.1, 4 * 5 * 5)
+    assert np.abs(named - flax_var).max() < 1e-6  # float32 rounding of values ~1
+    renamed = norm_torch_to_flax({k: v.numpy() for k, v in torch_bn.state_dict().items()})
+    assert sorted(renamed) == ["bias", "mean", "scale", "var"]  # num_batches_tracked dropped

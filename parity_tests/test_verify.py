@@ -141,28 +141,30 @@ def test_cli_broken_port_exits_1_naming_the_layer(tmp_path, capsys):
 
 
 def test_optimizer_steps_free_running_and_resynced():
-    """The user's torch.optim.Adam against their Optax set-up, three steps; a learning rate
-    1 % off is named at the first step, in the resynced run (one step's own bias, not
-    accumulated drift)."""
+    """The user's torch.optim.SGD with momentum against their Optax set-up, three steps,
+    free-running and resynced, with the momentum buffers; a learning rate 1 % off is named at
+    the first step, in the resynced run (one step's own bias, not accumulated drift).
+    (Adam in float32 is left to a bound from an ensemble: one step turns the rounding of a
+    gradient that is exactly 0, a conv bias under BatchNorm, into a step of ~lr.)"""
     import torch
 
-    from jaxnets.optim import adam
+    from jaxnets.optim import sgd_momentum
 
-    def torch_adam(params):
-        return torch.optim.Adam(params, lr=1e-2)
+    def torch_sgd(params):
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
     def run(tx):
         return verify(cnn.make_torch(), cnn.make_flax(), inputs("cnn"), modes=("eval",),
-                      torch_optimizer=torch_adam, flax_optimizer=tx, steps=3)
+                      torch_optimizer=torch_sgd, flax_optimizer=tx, steps=3)
 
-    good = run(adam(1e-2))
+    good = run(sgd_momentum(0.1, 0.9))
     assert good.passed, good.verdict
     modes = {(r.check, r.mode) for r in good.rows}
     assert {("step", "resynced"), ("step", "free-running"), ("loss", "resynced")} <= modes
     slots = {r.check for r in good.rows if r.check.startswith("state ")}
-    assert slots == {"state exp_avg", "state exp_avg_sq", "state step count"}
-    bad = run(adam(1.01e-2))
-    assert bad.first_divergent_layer == "step 1", bad.verdict
+    assert slots == {"state momentum_buffer"}
+    bad = run(sgd_momentum(0.101, 0.9))
+    assert bad.first_divergent_layer.startswith("step 1: "), bad.verdict
     assert "resynced" in bad.verdict
 
 

@@ -61,11 +61,19 @@ def statistics(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]
             "cosine": cosine, "scale": float(np.abs(b).max())}
 
 
-def noise_bound(torch_error: float, scale: float) -> float:
+# Optimizer steps and trajectories are not capped: Adam divides each gradient entry by its own
+# magnitude, so rounding in a gradient that is exactly 0 (a conv bias before BatchNorm) becomes
+# a step of ~lr. Measured: PyTorch float32 against float64 after one Adam step at lr 1e-2 on
+# the test suite's CNN, 8.1e-3 on that bias; Flax's 5.1e-3. The rows are per tensor, so that
+# one noisy tensor cannot widen the bound of the others.
+UNCAPPED = {"step", "trajectory"}
+
+
+def noise_bound(torch_error: float, scale: float, capped: bool = True) -> float:
     """The largest float32 error a correct port may have: ``NOISE_MARGIN * torch_error +
-    FLOOR_ULPS * eps32 * scale``, at most ``CAP_RELATIVE * max(scale, 1)``."""
-    return min(NOISE_MARGIN * torch_error + FLOOR_ULPS * FLOAT32_EPS * scale,
-               CAP_RELATIVE * max(scale, 1.0))
+    FLOOR_ULPS * eps32 * scale``, at most ``CAP_RELATIVE * max(scale, 1)`` where ``capped``."""
+    bound = NOISE_MARGIN * torch_error + FLOOR_ULPS * FLOAT32_EPS * scale
+    return min(bound, CAP_RELATIVE * max(scale, 1.0)) if capped else bound
 
 
 def tight_bound(kind: str, scale: float) -> float:
@@ -116,7 +124,7 @@ def judge(layer: str, check: str, mode: str, dtype: str, candidate: np.ndarray,
     else:
         torch_error = (statistics(torch_candidate, reference)["max_abs"]
                        if torch_candidate is not None else 0.0)
-        bound = noise_bound(torch_error, stats["scale"])
+        bound = noise_bound(torch_error, stats["scale"], (kind or check) not in UNCAPPED)
         passed = stats["max_abs"] <= bound
         verdict = "precision noise" if passed else "bug"
     row = Row(layer, check, mode, dtype, stats, torch_error, bound, verdict, passed, flax_name)

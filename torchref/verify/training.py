@@ -150,11 +150,9 @@ def training_rows(pair, mapping, x: np.ndarray, target, loss: str, torch_optimiz
                                       for n, p in model.named_parameters()})
 
     def param_rows(mode, step, flax_params, ref, own):
-        names = sorted(ref)
-        return [judge(f"step {step}", "step", mode, dtype,
-                      np.concatenate([flax_params[n].ravel() for n in names]),
-                      np.concatenate([ref[n].ravel() for n in names]),
-                      np.concatenate([own[n].ravel() for n in names]), "step")]
+        """One row per parameter tensor (in the torch model's order), named "step K: name"."""
+        return [judge(f"step {step}: {back[n]}", "step", mode, dtype, flax_params[n], ref[n],
+                      own[n], "step", n) for n in ref]
 
     for step in range(1, max(steps, 1) + 1):
         # resync: Flax and the float64 reference start this step from torch's state

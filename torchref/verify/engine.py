@@ -97,7 +97,8 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         jax.config.update("jax_enable_x64", True)
     with torch.no_grad():
         try:
-            probe = _np(copy.deepcopy(torch_model).eval()(torch_input(x, "float32")))
+            own = next(torch_model.parameters(), torch.zeros(())).dtype  # the model's dtype
+            probe = _np(copy.deepcopy(torch_model).eval()(torch_input(x, str(own)[6:])))
         except Exception as exc:  # any error the user's model raises on this input
             raise JaxnetsError(f"the torch model rejects input {x.shape} "
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"

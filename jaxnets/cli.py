@@ -124,7 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", dest="target", choices=("torch", "jax"), required=True)
     convert.add_argument("input", help="safetensors file (or a .pt/.pth state_dict from torch)")
     convert.add_argument("output", help="safetensors file to write")
+    _add_verify(sub)
     return parser
+
+
+def _add_verify(sub) -> None:
+    verify = sub.add_parser("verify", help="prove that your own Flax port computes what your "
+                            "PyTorch model computes, layer by layer")
+    verify.add_argument("--torch", required=True, metavar="SPEC",
+                        help="pkg.module:factory or path/file.py:factory returning an nn.Module")
+    verify.add_argument("--flax", required=True, metavar="SPEC",
+                        help="pkg.module:factory or path/file.py:factory returning an NNX module "
+                             "(it may take rngs)")
+    verify.add_argument("--input-shape", metavar="N,C,H,W",
+                        help="input shape in PyTorch's layout (random inputs, seeded)")
+    verify.add_argument("--inputs", metavar="FILE.npz",
+                        help="inputs (and optionally targets) instead of random ones")
+    verify.add_argument("--flax-layout", choices=("nhwc", "same"), default="nhwc",
+                        help="4-D inputs reach the Flax model as NHWC (default) or as given")
+    verify.add_argument("--mapping", metavar="FILE", help="a mapping.toml (default: proposed)")
+    verify.add_argument("--loss", choices=("cross_entropy", "mse", "sum"),
+                        default="cross_entropy")
+    verify.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    verify.add_argument("--lr", type=float, default=1e-3)
+    verify.add_argument("--momentum", type=float, default=0.0, help="sgd only")
+    verify.add_argument("--weight-decay", type=float, default=0.0)
+    verify.add_argument("--steps", type=int, default=0, metavar="K",
+                        help="optimizer steps compared, free-running and resynced")
+    verify.add_argument("--dtype", choices=("float32", "float64", "both"), default="float32")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--out", metavar="DIR", help="output directory (default runs/verify)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -312,6 +341,14 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    _require_torch()
+    _setup_backends("float32" if args.dtype == "float32" else "float64", "cpu")
+    from torchref.verify.front import run
+
+    return run(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     _require_torch()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
@@ -391,7 +428,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
             "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity,
-            "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict}
+            "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict,
+            "verify": _cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

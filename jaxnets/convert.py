@@ -57,6 +57,30 @@ def norm_torch_to_flax(weight: np.ndarray) -> np.ndarray:
     return np.asarray(weight)
 
 
+def torch_running_var_as_flax(new: np.ndarray, old: np.ndarray, momentum: float,
+                              count: int) -> np.ndarray:
+    """torch BatchNorm updates ``running_var`` with the *unbiased* batch variance (times
+    count/(count-1)); nnx.BatchNorm with the biased one. From torch's update
+    ``new = (1-m) old + m var_unbiased``, the value Flax computes from the same batch."""
+    unbiased = (new - (1 - momentum) * old) / momentum
+    return (1 - momentum) * old + momentum * unbiased * (count - 1) / count
+
+
+def embedding_torch_to_flax(weight: np.ndarray) -> np.ndarray:
+    """torch.nn.Embedding ``weight`` and nnx.Embed ``embedding`` are both (num, features)."""
+    return np.asarray(weight)
+
+
+def activation_torch_to_flax(array: np.ndarray) -> np.ndarray:
+    """An image activation NCHW (torch) -> NHWC (Flax convolutions); other ranks unchanged."""
+    return np.ascontiguousarray(array.transpose(0, 2, 3, 1)) if array.ndim == 4 else array
+
+
+def activation_flax_to_torch(array: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`activation_torch_to_flax`: NHWC -> NCHW."""
+    return np.ascontiguousarray(array.transpose(0, 3, 1, 2)) if array.ndim == 4 else array
+
+
 norm_flax_to_torch = norm_torch_to_flax
 
 
@@ -101,6 +125,19 @@ RULES = (
          running_var_flax_to_torch),
     Rule("BatchNorm", "num_batches_tracked", None, 0, drop_num_batches_tracked, None),
 )
+
+
+# torch BatchNorm/LayerNorm names -> Flax names (same layouts), from :data:`RULES`;
+# torch's num_batches_tracked has no Flax counterpart (None) and is dropped
+NORM_TORCH_TO_FLAX = {"bias": "bias", **{r.torch_leaf: r.flax_leaf for r in RULES
+                                         if r.layer.startswith("BatchNorm")}}
+
+
+def norm_state_torch_to_flax(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A norm layer's tensors ``{"weight", "bias", "running_mean", "running_var",
+    "num_batches_tracked"}`` -> ``{"scale", "bias", "mean", "var"}``: renamed, values kept."""
+    return {NORM_TORCH_TO_FLAX[name]: np.asarray(value) for name, value in tensors.items()
+            if NORM_TORCH_TO_FLAX.get(name)}
 
 
 def _convert(tensors: Mapping[str, np.ndarray], to_flax: bool) -> dict[str, np.ndarray]:

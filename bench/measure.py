@@ -2,10 +2,12 @@
 
 Every measurement times a fixed unit of work (``steps`` training steps, or one pass of
 inference over the test set) after a warm-up run of the same unit; the warm-up's extra time
-over the steady-state median is reported as ``compile_s``. Results are synchronised: JAX
-results are copied to the host (which waits for the device) and CUDA work is followed by
-``torch.cuda.synchronize()``. Peak memory is the host RSS sampled every 5 ms during the
-measurement (and the device's peak where there is a GPU).
+over the steady-state median is reported as ``compile_s``. The modes of a config are timed
+interleaved, their spread and the machine's load recorded (``bench.timing``). Results are
+synchronised: JAX results are copied to the host (which waits for the device) and CUDA work
+is followed by ``torch.cuda.synchronize()``. Peak memory is the process's host RSS sampled
+every 5 ms while a mode is built and warmed up (modes built earlier stay alive, so it is
+cumulative).
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-import statistics
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
+from bench.timing import timed, timed_interleaved, warm_up
 from jaxnets.data import Dataset
 
 MATMUL_SIZE = 2048
@@ -56,24 +57,6 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def timed(unit: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Warm-up once, then ``repeats`` timed runs: median, min, max seconds, and the warm-up's
-    excess over the median (compilation, autotuning, first-touch allocation)."""
-    start = time.perf_counter()
-    unit()
-    sync()
-    warmup = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        unit()
-        sync()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"median_s": median, "min_s": min(times), "max_s": max(times),
-            "compile_s": max(0.0, warmup - median), "times_s": times}
-
-
 def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
     """float32 GFLOP/s of a 2048^3 matmul in each framework; the machine's peak is the larger."""
     import torch
@@ -92,6 +75,7 @@ def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
     result = {"jax_gflops": flops / jax_t["median_s"] / 1e9,
               "torch_gflops": flops / torch_t["median_s"] / 1e9}
     result["matmul_peak_gflops"] = max(result.values())
+    result["matmul_peak_unstable"] = jax_t["unstable"] + torch_t["unstable"]
     return result
 
 
@@ -101,16 +85,61 @@ def _torch_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "gpu" else (lambda: None)
 
 
-def layer_flops(cfg: dict[str, Any]) -> list[int]:
-    """Multiply-adds x 2 of one example's forward pass through each weighted layer, from the
-    layer table: weights W (parameters less one bias per output channel) applied at P output
-    positions (1 for a Linear, H x W for a conv) cost 2 W P. Activations and pooling are not
-    counted."""
-    from jaxnets.summary import jax_summary
+# FLOPs per output element of the layers without weights (forward pass): an activation or
+# dropout is one operation per element; BatchNorm subtracts, divides, scales and shifts;
+# LayerNorm also reduces twice; softmax exponentiates, sums and divides.
+ELEMENTWISE_FLOPS = {"relu": 1, "tanh": 1, "sigmoid": 1, "silu": 1, "gelu": 1,
+                     "leaky_relu": 1, "dropout": 1, "softmax": 3, "log_softmax": 3,
+                     "batchnorm": 4, "layernorm": 5, "flatten": 0}
 
-    return [2 * (layer["params"] - layer["output_shape"][-1])
-            * math.prod(layer["output_shape"][1:-1])
-            for layer in jax_summary(cfg)["layers"] if layer["params"]]
+
+def _flops(layer) -> int:
+    """One example's forward FLOPs of one layer (its branch included), multiply-adds x 2 for
+    the weighted layers (biases not counted)."""
+    out = math.prod(layer.out_shape)
+    if layer.type == "linear":
+        return 2 * layer.in_shape[0] * layer.options["out"]
+    if layer.type == "conv2d":
+        o = layer.options
+        return 2 * layer.in_shape[0] // o["groups"] * o["kernel"][0] * o["kernel"][1] * out
+    if layer.type in ("maxpool", "avgpool"):
+        return math.prod(layer.options["kernel"]) * out
+    if layer.type == "global_avgpool":
+        return math.prod(layer.in_shape)
+    if layer.type == "residual":
+        return sum(_flops(inner) for inner in layer.layers) + out + _projection_flops(layer)
+    return ELEMENTWISE_FLOPS[layer.type] * out
+
+
+def _projection_flops(layer) -> int:
+    return 0 if not layer.projection else 2 * layer.in_shape[0] * math.prod(layer.out_shape)
+
+
+def flops_by_layer(cfg: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(name, type, forward FLOPs of one example) for every top-level layer."""
+    from jaxnets.spec import data_input_shape, model_layers
+
+    return [(layer.name, layer.type, _flops(layer))
+            for layer in model_layers(cfg["model"], data_input_shape(cfg))]
+
+
+def layer_flops(cfg: dict[str, Any]) -> list[int]:
+    """Multiply-adds x 2 of one example's forward pass through each weighted layer (linear,
+    conv2d, a residual's 1x1 projection), in order, residual branches included: weights W
+    applied at P output positions cost 2 W P. The matmul work a peak fraction compares
+    against; :func:`flops_by_layer` counts every layer."""
+    from jaxnets.spec import data_input_shape, model_layers
+
+    def weighted(layers):
+        for layer in layers:
+            if layer.type in ("linear", "conv2d"):
+                yield _flops(layer)
+            elif layer.type == "residual":
+                yield from weighted(layer.layers)
+                if layer.projection:
+                    yield _projection_flops(layer)
+
+    return list(weighted(model_layers(cfg["model"], data_input_shape(cfg))))
 
 
 def forward_flops(cfg: dict[str, Any]) -> int:
@@ -137,68 +166,90 @@ def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict,
     return cfg, dataset.head(limit), range(1)
 
 
-def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
-                 device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "stream",
-                                                                 "eager", "compile"),
-                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train and inference measurements for every mode of one config."""
+def _mode_units(mode: str, unit_cfg: dict, unit_data: Dataset, epochs: range, device: str):
+    """(train unit, inference unit, wait-for-results, test examples) of one mode."""
     import torch
 
+    from jaxnets.spec import data_input_shape
     from jaxnets.train import Trainer as JaxTrainer
     from torchref.models import build_model as build_torch
     from torchref.train import Trainer as TorchTrainer
 
+    if mode in JAX_MODES:
+        trainer = JaxTrainer(unit_cfg, unit_data)
+
+        def train_unit():
+            return trainer.train_epochs(epochs, progress=False, scan=(mode == "scan"),
+                                        stream=(mode == "stream"))
+
+        return train_unit, trainer.evaluate, lambda: None, len(trainer.test_x)
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    model = build_torch(unit_cfg["model"], unit_cfg["seed"],
+                        data_input_shape(unit_cfg)).to(torch_device)
+    if mode == "compile":
+        model = torch.compile(model)
+    trainer = TorchTrainer(unit_cfg, unit_data, model=model, device=torch_device)
+
+    def torch_train_unit():
+        return trainer.train_epochs(epochs, progress=False)
+
+    return torch_train_unit, trainer.evaluate, _torch_sync(device), len(trainer.test_x)
+
+
+def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
+                 device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "stream",
+                                                                 "eager", "compile"),
+                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train and inference measurements for every mode of one config. Every mode is built
+    and warmed up first; then the modes are timed in turn within each repeat (A B C A B C
+    ...), training first, then inference (:func:`bench.timing.timed_interleaved`)."""
     unit_cfg, unit_data, epochs = bench_unit(cfg, dataset, steps)
     flops = {"train": training_flops(cfg), "infer": forward_flops(cfg)}
-    rows = []
-    sync = _torch_sync(device)
-    torch_device = "cuda" if device == "gpu" else "cpu"
+    rows, units, peak_rss = [], {}, {}
     for mode in modes:
         framework = "jax" if mode in JAX_MODES else "torch"
         try:
             with PeakRSS() as rss:
-                if framework == "jax":
-                    trainer = JaxTrainer(unit_cfg, unit_data)
-
-                    def train_unit(t=trainer, mode=mode):
-                        return t.train_epochs(epochs, progress=False, scan=(mode == "scan"),
-                                              stream=(mode == "stream"))
-
-                    train = timed(train_unit, repeats, lambda: None)
-                    infer = timed(trainer.evaluate, repeats, lambda: None)
-                else:
-                    model = build_torch(unit_cfg["model"], unit_cfg["seed"]).to(torch_device)
-                    if mode == "compile":
-                        model = torch.compile(model)
-                    trainer = TorchTrainer(unit_cfg, unit_data, model=model,
-                                           device=torch_device)
-
-                    def train_unit(t=trainer):
-                        return t.train_epochs(epochs, progress=False)
-
-                    train = timed(train_unit, repeats, sync)
-                    infer = timed(trainer.evaluate, repeats, sync)
+                train_unit, infer_unit, sync, test_examples = _mode_units(
+                    mode, unit_cfg, unit_data, epochs, device)
+                warm = {"train": warm_up(train_unit, sync), "infer": warm_up(infer_unit, sync)}
         except Exception as exc:  # torch.compile needs a working C++ toolchain, for one
             echo(f"  {cfg['name']} {mode}: failed ({type(exc).__name__}: "
                  f"{str(exc).splitlines()[0] if str(exc) else ''})")
             rows.append({"config": cfg["name"], "framework": framework, "mode": mode,
                          "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        train_examples = len(epochs) * min(len(unit_data.train_x),
-                                           steps * unit_cfg["train"]["batch_size"])
-        test_examples = len(trainer.test_x)
-        for phase, result, examples in (("train", train, train_examples),
-                                        ("infer", infer, test_examples)):
+        units[mode] = (train_unit, infer_unit, sync, test_examples, warm)
+        peak_rss[mode] = rss.peak
+    train_examples = len(epochs) * min(len(unit_data.train_x),
+                                       steps * unit_cfg["train"]["batch_size"])
+    for phase in ("train", "infer"):
+        index = 0 if phase == "train" else 1
+        results = timed_interleaved({mode: (u[index], u[2]) for mode, u in units.items()},
+                                    repeats, warm_up_first=False)
+        for mode, result in results.items():
+            examples = train_examples if phase == "train" else units[mode][3]
+            warmup_s = units[mode][4][phase]
             per_s = examples / result["median_s"]
             rows.append({
-                "config": cfg["name"], "framework": framework, "mode": mode, "phase": phase,
-                "samples_per_s": per_s, "samples_per_s_min": examples / result["max_s"],
+                "config": cfg["name"], "framework": "jax" if mode in JAX_MODES else "torch",
+                "mode": mode, "phase": phase, "samples_per_s": per_s,
+                "samples_per_s_min": examples / result["max_s"],
                 "samples_per_s_max": examples / result["min_s"],
                 "gflops": per_s * flops[phase] / 1e9,
-                "compile_s": result["compile_s"], "repeats": repeats,
+                "compile_s": max(0.0, warmup_s - result["median_s"]), "repeats": repeats,
                 "median_s": result["median_s"], "examples": examples,
-                "peak_rss_mb": rss.peak / 2**20,
+                "peak_rss_mb": peak_rss[mode] / 2**20,
+                **{k: result[k] for k in ("spread", "load_before", "load_after",
+                                          "competing_cores", "unstable", "times_s")},
             })
-        echo(f"  {cfg['name']:<18} {mode:<8} train {rows[-2]['samples_per_s']:>10,.0f}/s  "
-             f"infer {rows[-1]['samples_per_s']:>11,.0f}/s  compile {train['compile_s']:.1f} s")
+    for mode in units:
+        train, infer = (next(r for r in rows if r.get("phase") == phase and r["mode"] == mode)
+                        for phase in ("train", "infer"))
+        echo(f"  {cfg['name']:<18} {mode:<8} train {train['samples_per_s']:>10,.0f}/s  "
+             f"infer {infer['samples_per_s']:>11,.0f}/s  compile {train['compile_s']:.1f} s")
+        for row in (train, infer):
+            if row["unstable"]:
+                echo(f"  warning: {cfg['name']} {mode} {row['phase']} is unstable "
+                     f"({'; '.join(row['unstable'])}): left out of the ratios")
     return rows

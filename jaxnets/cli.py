@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from jaxnets.errors import ConfigError, JaxnetsError
@@ -37,6 +38,9 @@ def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) 
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override any config key, e.g. --set optimizer.learning_rate=0.01")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="where to train (default cpu); on a GPU, TF32 is off in both "
+                        "frameworks, as for parity and bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", dest="target", choices=("torch", "jax"), required=True)
     convert.add_argument("input", help="safetensors file (or a .pt/.pth state_dict from torch)")
     convert.add_argument("output", help="safetensors file to write")
+    _add_verify(sub)
     return parser
+
+
+def _add_verify(sub) -> None:
+    verify = sub.add_parser("verify", help="prove that your own Flax port computes what your "
+                            "PyTorch model computes, layer by layer")
+    verify.add_argument("--torch", required=True, metavar="SPEC",
+                        help="pkg.module:factory or path/file.py:factory returning an nn.Module")
+    verify.add_argument("--flax", required=True, metavar="SPEC",
+                        help="pkg.module:factory or path/file.py:factory returning an NNX module "
+                             "(it may take rngs)")
+    verify.add_argument("--input-shape", metavar="N,C,H,W",
+                        help="input shape in PyTorch's layout (random inputs, seeded)")
+    verify.add_argument("--inputs", metavar="FILE.npz",
+                        help="inputs (and optionally targets) instead of random ones")
+    verify.add_argument("--flax-layout", choices=("nhwc", "same"), default="nhwc",
+                        help="4-D inputs reach the Flax model as NHWC (default) or as given")
+    verify.add_argument("--mapping", metavar="FILE", help="a mapping.toml (default: proposed)")
+    verify.add_argument("--loss", choices=("cross_entropy", "mse", "sum"),
+                        default="cross_entropy")
+    verify.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    verify.add_argument("--lr", type=float, default=1e-3)
+    verify.add_argument("--momentum", type=float, default=0.0, help="sgd only")
+    verify.add_argument("--weight-decay", type=float, default=0.0)
+    verify.add_argument("--steps", type=int, default=0, metavar="K",
+                        help="optimizer steps compared, free-running and resynced")
+    verify.add_argument("--dtype", choices=("float32", "float64", "both"), default="float32")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--out", metavar="DIR", help="output directory (default runs/verify)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -172,8 +205,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxnets import checkpoint
     from jaxnets.config import config_from_dict, load_config
     from jaxnets.data import load_dataset
-    from jaxnets.figures import run_figures
-    from jaxnets.runner import fit
 
     if args.save_every < 0:
         raise ConfigError(f"--save-every {args.save_every}: give 0 (only at the end) or more")
@@ -201,14 +232,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/{cfg['name']}/{framework}")
         members = [{**cfg, "seed": cfg["seed"] + m} for m in range(cfg["train"]["ensemble"])]
     dataset = load_dataset(cfg["data"])
+    with _setup_backends("float32", args.device, torch_side=framework == "torch"):
+        _train_members(members, framework, dataset, out, args, resume)
+    return 0
+
+
+def _train_members(members: list[dict], framework: str, dataset, out: Path,
+                   args: argparse.Namespace, resume) -> None:
+    """Train each member (one, or an ensemble's differently seeded models, one by one)."""
+    from jaxnets.figures import run_figures
+    from jaxnets.runner import fit
+
     if framework == "torch":
-        _require_torch()
+        from torchref.numerics import torch_device
         from torchref.train import Trainer
+
+        extra = {"device": torch_device(args.device)}
     else:
         from jaxnets.train import Trainer
+
+        extra = {}  # JAX places the data on jax_numerics' device
     for member_cfg in members:  # an ensemble trains differently seeded models, one by one
         member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
-        trainer = Trainer(member_cfg, dataset)
+        trainer = Trainer(member_cfg, dataset, **extra)
 
         def figures(where, rows, trainer=trainer, member_cfg=member_cfg):
             return run_figures(where, member_cfg, dataset, {framework: rows},
@@ -216,7 +262,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         fit(trainer, member_cfg, member_out, progress=not args.quiet,
             save_every=args.save_every, resume=resume, figures=figures)
-    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -226,7 +271,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     _require_torch()
     from torchref.compare import compare
 
-    compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet)
+    compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet,
+            device=args.device)
     return 0
 
 
@@ -254,28 +300,20 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_backends(dtype: str, device: str) -> None:
-    """Float64 and the device must be chosen before JAX makes its first array. On a GPU both
-    frameworks run with TF32 off, so float32 matmuls and convolutions are true float32."""
-    import jax
+def _setup_backends(dtype: str, device: str, torch_side: bool = True
+                    ) -> AbstractContextManager:
+    """The command's numerics for as long as it runs, restored after (``jaxnets.numerics``,
+    and ``torchref.numerics`` where PyTorch runs too): float64 mode, matmul precision, the
+    device, and on a GPU TF32 off in both frameworks, so float32 is true float32. A missing
+    GPU is one line on entry."""
+    if not torch_side:
+        from jaxnets.numerics import jax_numerics
 
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    if device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-        return
-    import torch
+        return jax_numerics(dtype, device)
+    _require_torch()
+    from torchref.numerics import numerics
 
-    try:
-        jax.devices("gpu")
-    except RuntimeError:
-        raise JaxnetsError("--device gpu: JAX sees no GPU here (install jax[cuda12] on a "
-                           "machine with one)") from None
-    if not torch.cuda.is_available():
-        raise JaxnetsError("--device gpu: PyTorch sees no GPU here")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    return numerics(dtype, device)
 
 
 def _configs_on_images(names: list[str], dataset: str, data_dir: str | None = None
@@ -297,39 +335,54 @@ def _configs_on_images(names: list[str], dataset: str, data_dir: str | None = No
 def _cmd_parity(args: argparse.Namespace) -> int:
 
     _require_torch()
-    _setup_backends(args.dtype, args.device)
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: give at least 1 step")
     cfgs = _configs_on_images(args.configs, args.dataset, args.data_dir)
     from torchref.parity import run_parity
 
-    report = run_parity(cfgs, Path(args.out or "runs/parity"), args.dtype, args.device,
-                        args.steps)
+    with _setup_backends(args.dtype, args.device):  # run_parity sets the same for callers
+        report = run_parity(cfgs, Path(args.out or "runs/parity"), args.dtype, args.device,
+                            args.steps)
     return 0 if report["passed"] else 1
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from jaxnets.data import load_dataset
-
+def _cmd_verify(args: argparse.Namespace) -> int:
     _require_torch()
-    _setup_backends("float32", args.device)
+    _setup_backends("float32" if args.dtype == "float32" else "float64", "cpu")
+    from torchref.verify.front import run
+
+    return run(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    _require_torch()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     unknown = set(modes) - {"jit_step", "scan", "stream", "eager", "compile"}
     if unknown or args.repeats < 1 or args.steps < 1:
         raise ConfigError(f"--modes {args.modes!r}, --repeats {args.repeats}, --steps "
                           f"{args.steps}: modes are jit_step, scan, stream, eager, compile; "
                           f"repeats and steps at least 1")
-    from bench import measure, report
+    with _setup_backends("float32", args.device):
+        return _bench(args, modes)
 
+
+def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
+    from bench import measure, report, timing
+    from jaxnets.data import load_dataset
+
+    threads = timing.set_threads()
+    print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
-          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
+          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})"
+          + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
+             if peak["matmul_peak_unstable"] else ""))
     rows = []
     for cfg in _configs_on_images(args.configs, args.dataset):
         rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
                                      args.device, modes)
     out = Path(args.out or "runs/bench")
-    report.write(out, report.machine_info(args.device, peak), rows,
+    report.write(out, report.machine_info(args.device, peak, threads), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
     return 0
@@ -337,11 +390,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     _require_torch()
-    _setup_backends("float32", "cpu")
     from torchref.reproduce import reproduce
 
-    reproduce(args.configs, Path(args.out or "runs/reproduce"), args.dataset, args.data_dir,
-              progress=not args.quiet, resume=args.resume)
+    with _setup_backends("float32", "cpu"):
+        reproduce(args.configs, Path(args.out or "runs/reproduce"), args.dataset,
+                  args.data_dir, progress=not args.quiet, resume=args.resume)
     return 0
 
 
@@ -361,6 +414,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if len(rows) > args.show:
         print(f"... {len(rows) - args.show} more")
     accuracy = result["accuracy"]
+    if result["note"]:
+        print(f"note: {result['note']}", file=sys.stderr)
     print(f"{len(rows)} images labelled by the {result['framework']} model"
           + ("" if accuracy is None else f"; accuracy {100 * accuracy:.2f} % against the "
              f"labels beside the images") + f"; predictions: {result['csv']}")
@@ -386,7 +441,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
             "summary": _cmd_summary, "convert": _cmd_convert, "parity": _cmd_parity,
             "bench": _cmd_bench, "reproduce": _cmd_reproduce, "predict": _cmd_predict,
-            "download": _cmd_download}
+            "download": _cmd_download, "verify": _cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

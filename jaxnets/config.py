@@ -52,9 +52,16 @@ DEFAULTS: dict[str, Any] = {
         "init": "torch",
         # Standard deviation of the "normal" init (d2l: N(0, 0.01^2) weights).
         "init_std": 0.01,
-        # JAX convolutions: "lax" (lax.conv), "im2col" (matmuls, jaxnets/conv.py) or "auto"
-        # (im2col on the CPU, where it was measured faster, lax elsewhere).
+        # JAX convolutions: "lax", "canonical", "im2col" or "auto" (jaxnets/conv.py)
+        # ("canonical" on the CPU, where it was measured faster, lax elsewhere).
         "conv": "auto",
+        # name = "Sequential": the network as a list of layer tables (jaxnets/spec.py), e.g.
+        # [{type = "conv2d", out = 16, kernel = 3}, {type = "relu"}, {type = "flatten"},
+        #  {type = "linear", out = 10}]; input sizes are inferred from the data.
+        "layers": [],
+        # Dropout masks: "shared" (NumPy, the same masks as the PyTorch side: exact
+        # comparisons) or "jax" (jax.random on the device: faster, other masks).
+        "dropout_masks": "shared",
     },
     "optimizer": {
         "name": "adam",
@@ -89,10 +96,11 @@ DEFAULTS: dict[str, Any] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("mnist", "fashion_mnist", "spiral", "cubic"),
     "data.preprocess": ("scale", "normalize", "none"),
-    "model.name": ("MLP", "LeNet", "SimpleNet", "ConvNet"),
+    "model.name": ("MLP", "LeNet", "SimpleNet", "ConvNet", "Sequential"),
+    "model.dropout_masks": ("shared", "jax"),
     "model.activation": ("relu", "sigmoid", "tanh", "none"),
     "model.init": ("torch", "flax", "normal"),
-    "model.conv": ("auto", "lax", "im2col"),
+    "model.conv": ("auto", "lax", "canonical", "im2col"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "train.loss": ("cross_entropy", "mse"),
     "train.metric": ("accuracy", "rounded_accuracy", "none"),
@@ -247,6 +255,32 @@ def validate(cfg: dict[str, Any]) -> None:
     for i, width in enumerate(cfg["model"]["hidden"]):
         if width < 1:
             raise ConfigError(f"model.hidden[{i}] = {width} is out of range: it must be >= 1")
+    check_model(cfg)
+
+
+# Classes of the classification datasets (labels 0 .. n - 1); cubic is a regression.
+DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "spiral": 3}
+
+
+def check_model(cfg: dict[str, Any]) -> None:
+    """The layer list parses, its shapes chain from the data's input shape, and its output
+    fits the loss: one output per class for cross-entropy. A ConfigError names the layer."""
+    from jaxnets.spec import data_input_shape, model_layers
+
+    model = cfg["model"]
+    if model["name"] == "Sequential" and not model["layers"]:
+        raise ConfigError("model.name = 'Sequential' needs model.layers, a list of layer "
+                          "tables such as [{type = \"flatten\"}, {type = \"linear\", out = 10}]")
+    if model["name"] != "Sequential" and model["layers"]:
+        raise ConfigError(f"model.layers describes a network of its own: set model.name = "
+                          f"'Sequential' (it is {model['name']!r})")
+    layers = model_layers(model, data_input_shape(cfg))
+    out = layers[-1].out_shape
+    classes = DATASET_CLASSES.get(cfg["data"]["dataset"])
+    if cfg["train"]["loss"] == "cross_entropy" and classes and out != (classes,):
+        raise ConfigError(f"the model's output per example is {out}, but {cfg['data']['dataset']}"
+                          f" has {classes} classes: cross_entropy needs an output of ({classes},) "
+                          f"(model.out_features or the last layer's out)")
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -289,6 +323,11 @@ def _coerce(dotted: str, value: Any, default: Any, origin: str) -> Any:
     if expected is int and type(value) is int and not -(2**63) <= value < 2**63:
         raise ConfigError(f"{origin}: {dotted} = {value} is out of range: TOML integers are "
                           f"64-bit")
+    if expected is list and dotted == "model.layers":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{origin}: model.layers must be a list of layer tables like "
+                              f"{{type = \"relu\"}}, got {value!r}")
+        return value
     if expected is list:
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

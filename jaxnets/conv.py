@@ -1,98 +1,246 @@
-"""A CPU convolution path: the convolution, and both of its gradients, as matmuls.
+"""The convolution path: which convolution each ``nnx.Conv`` runs, chosen per platform.
 
-XLA:CPU runs ``lax.conv``'s forward well but its gradients slowly for the seed networks'
-small convolutions (jax issues 23713, 26145). Here a stride-1 convolution builds its patches
-from shifted slices (im2col, (N, H, W, kh*kw*C) in the kernel's HWIO order) and multiplies
-once; a custom VJP gives the kernel gradient as patches^T @ dy and the input gradient as
-dy @ kernel^T scattered back by padded shifts (col2im), so no convolution is differentiated.
+``conv_for(model.conv)`` is the one entry point (``lax.conv_general_dilated``'s signature,
+passed to ``nnx.Conv``):
 
-Measured on a 2-core x86-64 CPU: one layer's forward + backward (batch 64-100) runs 1.7-2.6x
-faster than ``lax.conv`` for 1-10 input channels and 2.5x slower for SimpleNet's 20->20 5x5
-when each step is its own jitted call; but inside the epoch's ``lax.scan`` XLA:CPU runs
-``lax.conv`` some 10x slower than outside it (SimpleNet training: 318 samples/s in the scan,
-3,429 per-step), while this path keeps its speed (2,434 in the scan). Training runs in the
-scan, so ``"auto"`` uses this path for every convolution on the CPU. Numerically it equals
-``lax.conv`` within float32 rounding (parity tests).
+- ``"lax"``: ``lax.conv_general_dilated`` and its autodiff.
+- ``"canonical"``: :func:`conv_canonical`, the same forward with a custom VJP whose two
+  backward passes are themselves canonical convolutions (below).
+- ``"im2col"``: :func:`conv2d_im2col` (patches and one matmul; stride 1 only).
+- ``"auto"``: :func:`conv_canonical` on the CPU and ``lax`` elsewhere, decided by
+  ``jax.lax.platform_dependent`` when the computation is lowered for its device, not when
+  the model is built (a model built while the default backend was a GPU still runs the
+  CPU path when its inputs live on the CPU).
+
+Why the canonical VJP. XLA:CPU runs a convolution through Eigen only in canonical form
+(NHWC input, HWIO kernel, NHWC output: ``dim_labels=b01f_01io->b01f``, float32/16, no
+window reversal); any other convolution falls back to a naive loop nest ("Falling back to
+unoptimized convolution" with ``TF_CPP_VMODULE=thunk_emitter=2``). In a per-step ``jit``
+XLA rewrites ``lax.conv``'s gradient convolutions (``b01f_01oi->b01f`` and
+``f01b_i01o->01bf``) into canonical form, but inside the epoch's ``lax.scan`` body it does
+not, and training collapses (SimpleNet 20->20 5x5, batch 100: 154 ms a step against 6.7 ms
+written canonically; docs/xla-conv-fallback.md, bench/xla_conv_fallback.py). Writing both
+gradients as canonical convolutions of explicitly transposed operands gives the same
+numbers as ``lax.conv``'s autodiff (parity_tests/test_conv_path.py checks every bit) and
+keeps every convolution of the scanned epoch on Eigen.
+
+Why not im2col for "auto". Measured interleaved in one process (``python
+bench/xla_conv_fallback.py --compare``, 2-core x86-64, a shared and so noisy machine: the
+ratios are indicative), one training step inside the scan, canonical against im2col:
+LeNet's conv2 29 against 37 ms, SimpleNet's conv2 83 against 206, ConvNet's conv2 19 against
+22; the forward alone (inference) 3.1 against 7.8, 28 against 229, 7.7 against 8.1 ms. For
+one input channel (the first layers) im2col's training step was faster (6.3 against 13.1,
+45 against 64, 15 against 26 ms) because of its kernel gradient, so "auto" takes that
+layer's kernel gradient as a matmul (:func:`_kernel_gradient_matmul`) and keeps the
+canonical forward and input gradient: inference (the forward alone) is ``lax.conv``'s own
+forward everywhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from jaxnets.conv_im2col import conv2d_im2col, conv_general_dilated_im2col
 
-def _patches(x_padded: jax.Array, kh: int, kw: int) -> jax.Array:
-    """(N, Hp, Wp, C) -> (N, H, W, kh*kw*C), column order (i, j, c) = HWIO's (kh, kw, in)."""
-    n, hp, wp, c = x_padded.shape
-    h, w = hp - kh + 1, wp - kw + 1
-    shifted = [x_padded[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)]
-    return jnp.stack(shifted, axis=3).reshape(n, h, w, kh * kw * c)
+__all__ = ["IMPLEMENTATIONS", "conv2d_im2col", "conv_canonical", "conv_for", "max_pool_2x2"]
 
-
-def _pad(x: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    return jnp.pad(x, ((0, 0), *padding, (0, 0)))
+IMPLEMENTATIONS = ("auto", "lax", "canonical", "im2col")
+NHWC = ("NHWC", "HWIO", "NHWC")  # the canonical dimension numbers, the only Eigen takes
+Pairs = tuple[tuple[int, int], ...]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_im2col(x: jax.Array, kernel: jax.Array,
-                  padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """Stride-1 convolution. x: (N, H, W, C) NHWC, kernel: (kh, kw, C, O) HWIO,
-    padding: ((top, bottom), (left, right)) -> (N, H', W', O)."""
-    return _forward(x, kernel, padding)[0]
+def _conv(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None, groups=1,
+          precision=None):
+    """One canonical convolution: x (N, H, W, C), kernel (kh, kw, C/groups, O)."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=NHWC, feature_group_count=groups, precision=precision)
 
 
-def _forward(x, kernel, padding):
-    kh, kw, c, o = kernel.shape
-    cols = _patches(_pad(x, padding), kh, kw)
-    n, h, w, _ = cols.shape
-    y = (cols.reshape(-1, kh * kw * c) @ kernel.reshape(-1, o)).reshape(n, h, w, o)
-    return y, (cols, kernel, x.shape)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def conv_canonical(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                   padding: Pairs, dilation: tuple[int, ...], groups: int,
+                   precision: jax.lax.PrecisionLike = None,
+                   kernel_gradient: str = "conv") -> jax.Array:
+    """``lax.conv_general_dilated`` in NHWC/HWIO with explicit ``padding`` pairs, whose
+    gradients are canonical convolutions too. x: (N, H, W, C), kernel: (kh, kw, C/groups, O)
+    -> (N, H', W', O). ``kernel_gradient="matmul"``: the kernel gradient as one patches^T @ dy
+    matmul instead (:func:`_kernel_gradient_matmul`, for one input channel)."""
+    return _conv(x, kernel, strides, padding, rhs_dilation=dilation, groups=groups,
+                 precision=precision)
 
 
-def _backward(padding, residuals, dy):
-    cols, kernel, x_shape = residuals
-    kh, kw, c, o = kernel.shape
-    n, h, w, _ = dy.shape
-    dy2 = dy.reshape(-1, o)
-    d_kernel = (cols.reshape(-1, kh * kw * c).T @ dy2).reshape(kernel.shape)
-    d_cols = (dy2 @ kernel.reshape(-1, o).T).reshape(n, h, w, kh, kw, c)
-    hp, wp = x_shape[1] + sum(padding[0]), x_shape[2] + sum(padding[1])
-    # col2im: every kernel offset (i, j) sends its slice of the patch gradient back to the
-    # input positions it was read from
-    d_padded = sum(jnp.pad(d_cols[:, :, :, i, j, :], ((0, 0), (i, hp - h - i),
-                                                      (j, wp - w - j), (0, 0)))
-                   for i in range(kh) for j in range(kw))
-    (top, _), (left, _) = padding
-    return d_padded[:, top:top + x_shape[1], left:left + x_shape[2], :], d_kernel
+def _canonical_forward(x, kernel, strides, padding, dilation, groups, precision,
+                       kernel_gradient):
+    y = conv_canonical(x, kernel, strides, padding, dilation, groups, precision,
+                       kernel_gradient)
+    return y, (x, kernel)
 
 
-conv2d_im2col.defvjp(_forward, _backward)
+def _input_gradient(dy, kernel, x_shape, strides, padding, dilation, groups, precision):
+    """dx (N, H, W, C): dy dilated by the stride, padded by (k-1-p) (k the dilated kernel
+    extent, plus the rows the strided windows never reached at the high end), convolved
+    with the kernel flipped in space and its in/out features swapped (per group)."""
+    kh_kw = kernel.shape[:-2]
+    c_group, out = kernel.shape[-2:]
+    flipped = jnp.flip(kernel, axis=tuple(range(len(kh_kw))))
+    # (kh, kw, C/g, g, O/g) -> (kh, kw, O/g, g, C/g): swap in/out within each group
+    flipped = flipped.reshape(*kh_kw, c_group, groups, out // groups)
+    flipped = jnp.swapaxes(flipped, -3, -1).reshape(*kh_kw, out // groups, groups * c_group)
+    pads = []
+    for size, k, s, d, (lo, hi) in zip(x_shape[1:-1], kh_kw, strides, dilation, padding,
+                                       strict=True):
+        extent = (k - 1) * d + 1
+        missed = (size + lo + hi - extent) % s
+        pads.append((extent - 1 - lo, extent - 1 - hi + missed))
+    return _conv(dy, flipped, (1,) * len(kh_kw), pads, lhs_dilation=strides,
+                 rhs_dilation=dilation, groups=groups, precision=precision)
 
 
-def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                rhs_dilation=None, dimension_numbers=None,
-                                feature_group_count=1, precision=None, **kwargs):
-    """``lax.conv_general_dilated``'s signature (what ``nnx.Conv`` calls), routed through
-    :func:`conv2d_im2col` for the cases it covers (2-D, NHWC/HWIO, stride 1, explicit padding,
-    no dilation, no groups) and to ``lax`` otherwise."""
-    simple = (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
-              and all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
-              and feature_group_count == 1 and lhs.ndim == 4)
-    if not simple:
+def _read_padding(x, dy, kernel_shape, strides, padding, dilation) -> list[tuple[int, int]]:
+    """The padding the forward's windows actually read: the high side trimmed to the rows
+    the last strided window reaches."""
+    return [(lo, (k - 1) * d + (size_out - 1) * s + 1 - size - lo)
+            for size, size_out, k, s, d, (lo, _) in zip(
+                x.shape[1:-1], dy.shape[1:-1], kernel_shape[:-2], strides, dilation, padding,
+                strict=True)]
+
+
+def _kernel_gradient(x, dy, kernel_shape, strides, padding, dilation, groups, precision):
+    """d kernel (kh, kw, C/g, O): x transposed to (C, H, W, N) as the batch, convolved with
+    dy transposed to (H', W', N, O) as the kernel (the stride becomes the kernel's dilation,
+    the dilation the window stride), transposed back; one convolution per group."""
+    spatial = len(kernel_shape) - 2
+    c_group, out = kernel_shape[-2:]
+    pads = _read_padding(x, dy, kernel_shape, strides, padding, dilation)
+    to_batch = (x.ndim - 1, *range(1, x.ndim - 1), 0)       # (N, H, W, C) -> (C, H, W, N)
+    to_kernel = (*range(1, dy.ndim - 1), 0, dy.ndim - 1)    # (N, H', W', O) -> (H', W', N, O)
+    back = (*range(1, spatial + 1), 0, spatial + 1)          # (C, kh, kw, O) -> (kh, kw, C, O)
+    # One convolution per group: lax's own grouped kernel gradient (batch_group_count) is
+    # rewritten by XLA into a 3-D, non-canonical convolution that always falls back.
+    o_group = out // groups
+    per_group = [
+        jnp.transpose(_conv(jnp.transpose(x[..., g * c_group:(g + 1) * c_group], to_batch),
+                            jnp.transpose(dy[..., g * o_group:(g + 1) * o_group], to_kernel),
+                            dilation, pads, rhs_dilation=strides, precision=precision), back)
+        for g in range(groups)]
+    return per_group[0] if groups == 1 else jnp.concatenate(per_group, axis=-1)
+
+
+def _kernel_gradient_matmul(x, dy, kernel_shape, strides, padding, dilation, precision):
+    """d kernel (kh, kw, C, O) = patches^T @ dy, the patches (N*H'*W', kh*kw*C) read from x
+    padded, at the forward's strides and dilation. For one input channel (a first layer)
+    the canonical kernel gradient is a convolution with a batch of 1 and a (H', W') kernel
+    that Eigen parallelises poorly: measured in the scanned training step (2-core x86-64,
+    interleaved, bench/xla_conv_fallback.py --compare) this matmul took 0.5-0.7x its time
+    for LeNet's, SimpleNet's and ConvNet's first convolutions."""
+    kh, kw, c, o = kernel_shape
+    (s_h, s_w), (d_h, d_w) = strides, dilation
+    _, h_out, w_out, _ = dy.shape
+    pads = _read_padding(x, dy, kernel_shape, strides, padding, dilation)
+    padded = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                         [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
+    patches = jnp.stack([padded[:, i * d_h:i * d_h + (h_out - 1) * s_h + 1:s_h,
+                                j * d_w:j * d_w + (w_out - 1) * s_w + 1:s_w, :]
+                         for i in range(kh) for j in range(kw)], axis=3)
+    dk = jnp.matmul(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, o),
+                    precision=precision)
+    return dk.reshape(kernel_shape)
+
+
+def _canonical_backward(strides, padding, dilation, groups, precision, kernel_gradient,
+                        residuals, dy):
+    x, kernel = residuals
+    dx = _input_gradient(dy, kernel, x.shape, strides, padding, dilation, groups, precision)
+    if kernel_gradient == "matmul":
+        dk = _kernel_gradient_matmul(x, dy, kernel.shape, strides, padding, dilation,
+                                     precision)
+    else:
+        dk = _kernel_gradient(x, dy, kernel.shape, strides, padding, dilation, groups,
+                              precision)
+    return dx, dk
+
+
+conv_canonical.defvjp(_canonical_forward, _canonical_backward)
+
+
+def _explicit_padding(padding, x_shape, kernel_shape, strides, dilation) -> Pairs:
+    """"SAME"/"VALID"/pairs -> pairs, as ``lax`` resolves them."""
+    if isinstance(padding, str):
+        extents = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:-2], dilation, strict=True)]
+        padding = jax.lax.padtype_to_pads(x_shape[1:-1], extents, strides, padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+        return dimension_numbers == jax.lax.conv_dimension_numbers(
+            (1, 1, 1, 1), (1, 1, 1, 1), NHWC)
+    return tuple(dimension_numbers) == NHWC
+
+
+def conv_general_dilated_canonical(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                   rhs_dilation=None, dimension_numbers=None,
+                                   feature_group_count=1, batch_group_count=1, precision=None,
+                                   preferred_element_type=None, out_sharding=None,
+                                   kernel_gradient: str = "conv") -> jax.Array:
+    """``lax.conv_general_dilated``'s signature routed through :func:`conv_canonical` for
+    every 2-D NHWC/HWIO convolution (what ``nnx.Conv`` asks for: any kernel, stride,
+    padding, dilation and groups); anything else (input dilation, batch groups, other
+    layouts or ranks) goes to ``lax`` unchanged."""
+    spatial = lhs.ndim - 2
+    dilation = tuple(rhs_dilation or (1,) * spatial)
+    ours = (spatial == 2 and _is_nhwc(dimension_numbers) and batch_group_count == 1
+            and all(d == 1 for d in (lhs_dilation or (1,) * spatial))
+            and preferred_element_type is None and out_sharding is None)
+    if not ours:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
-    return conv2d_im2col(lhs, rhs, tuple(tuple(int(v) for v in p) for p in padding))
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding)
+    strides = tuple(int(s) for s in window_strides)
+    pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
+    return conv_canonical(lhs, rhs, strides, pads, tuple(int(d) for d in dilation),
+                          int(feature_group_count), precision, kernel_gradient)
 
 
-def use_im2col(impl: str) -> bool:
-    """``model.conv``: "lax", "im2col", or "auto" (im2col on the CPU, lax elsewhere)."""
-    if impl == "auto":
-        return jax.default_backend() == "cpu"
-    return impl == "im2col"
+def _conv_auto(*args, **kwargs) -> jax.Array:
+    """The canonical path on the CPU, ``lax`` on every other platform, picked when the
+    computation is lowered for the device it runs on."""
+    def on_cpu(lhs, rhs):
+        # one input channel: the kernel gradient as a matmul (_kernel_gradient_matmul)
+        thin = rhs.shape[-2] == 1 and kwargs.get("feature_group_count", 1) == 1
+        return conv_general_dilated_canonical(lhs, rhs, *args[2:], **kwargs,
+                                              kernel_gradient="matmul" if thin else "conv")
+
+    def elsewhere(lhs, rhs):
+        return jax.lax.conv_general_dilated(lhs, rhs, *args[2:], **kwargs)
+
+    return jax.lax.platform_dependent(args[0], args[1], cpu=on_cpu, default=elsewhere)
+
+
+_BY_NAME: dict[str, Callable[..., jax.Array]] = {
+    "lax": jax.lax.conv_general_dilated,
+    "canonical": conv_general_dilated_canonical,
+    "im2col": conv_general_dilated_im2col,
+    "auto": _conv_auto,
+}
+
+
+def conv_for(impl: str) -> Callable[..., jax.Array]:
+    """``model.conv`` -> the function ``nnx.Conv`` calls as ``conv_general_dilated``
+    (``lax.conv_general_dilated``'s signature): "auto", "lax", "canonical" or "im2col"."""
+    if impl not in _BY_NAME:
+        raise ValueError(f"model.conv {impl!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    return _BY_NAME[impl]
 
 
 def _windows(x: jax.Array) -> jax.Array:

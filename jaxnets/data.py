@@ -303,23 +303,47 @@ def model_arrays(dataset: Dataset, cfg: dict[str, Any], framework: str
 def prefetch(items: Iterable, size: int = 2) -> Iterator:
     """Yield ``items`` while a background thread produces the next ``size`` of them (the
     sources' asynchronous loader): gathering and transferring batch k+1 and k+2 overlaps the
-    training step on batch k. An exception in the producer is raised in the consumer."""
+    training step on batch k. An exception in the producer is raised in the consumer.
+
+    When the consumer stops early (a ``break``, an exception, ``close()``), the generator's
+    exit tells the producer to stop, empties the queue so a producer waiting for room wakes,
+    and waits for the thread to end: no thread is left blocked, no buffer kept alive."""
     buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
     done = object()
 
     def produce() -> None:
         try:
             for item in items:
                 buffer.put(item)
+                if stop.is_set():  # the consumer has gone: drop the rest
+                    return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             buffer.put(_Failure(exc))
+            return
         buffer.put(done)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := buffer.get()) is not done:
-        if isinstance(item, _Failure):
-            raise item.error
-        yield item
+    def drain() -> None:
+        while True:
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                return
+
+    producer = threading.Thread(target=produce, daemon=True, name="jaxnets-prefetch")
+    producer.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        # After the drain the producer puts at most one more item (there is room for it)
+        # before it sees ``stop``, so the join ends once the item in hand is made.
+        stop.set()
+        drain()
+        producer.join()
+        drain()
 
 
 @dataclass

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jaxnets.errors import DataError
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """logits: (batch, classes), labels: (batch,) integers. torch.nn.CrossEntropyLoss()."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def check_label_range(labels: np.ndarray, classes: int, what: str = "labels") -> None:
+    # Framework difference: torch's cross-entropy raises on a label outside [0, classes); JAX's
+    # gather clamps it silently (a wrong loss, then NaN), so jaxnets checks the labels first.
+    """A :class:`DataError` naming ``what`` unless every label lies in [0, classes)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.size and (labels.min() < 0
+                                                       or labels.max() >= classes):
+        raise DataError(f"{what} range over [{labels.min()}, {labels.max()}], but the model has "
+                        f"{classes} outputs: cross_entropy needs labels in [0, {classes - 1}]")
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:

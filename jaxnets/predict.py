@@ -17,7 +17,13 @@ import numpy as np
 
 from jaxnets import checkpoint
 from jaxnets.config import config_from_dict
-from jaxnets.convert import flax_to_torch, read_safetensors, read_torch_file, torch_to_flax
+from jaxnets.convert import (
+    flax_to_torch,
+    read_safetensors,
+    read_torch_file,
+    torch_to_flax,
+    weights_framework,
+)
 from jaxnets.data import IMAGE_DATASETS, Dataset, load_idx_pair, read_idx_images
 from jaxnets.errors import ConfigError, DataError
 from jaxnets.figures import labels_from_outputs
@@ -45,29 +51,38 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def weights_layout(arrays: dict[str, np.ndarray]) -> str:
-    """"torch" (``*.weight``) or "jax" (``*.kernel``) names and layouts."""
+    """A guess from the names, for a weights file that does not record its framework:
+    "jax" (``*.kernel``) or "torch" (``*.weight``). Normalisation layers defeat it."""
     if any(k.endswith(".kernel") for k in arrays):
         return "jax"
     if any(k.endswith(".weight") for k in arrays):
         return "torch"
-    raise ConfigError("the weights hold neither PyTorch (.weight) nor Flax (.kernel) names")
+    raise ConfigError("the weights record no framework and hold neither PyTorch (.weight) nor "
+                      "Flax (.kernel) names")
 
 
 def find_weights(run_dir: Path, framework: str | None, weights: str | None
-                 ) -> tuple[dict[str, np.ndarray], str]:
-    """The weights to use and the framework that will run them."""
+                 ) -> tuple[dict[str, np.ndarray], str, str]:
+    """``(arrays, layout, note)``: the weights to use (``framework``'s own where the run has
+    both), the framework whose names and layouts they are in, as the file or the run records
+    it, and a note where nothing recorded it."""
     if weights is not None:
-        suffix = os.path.splitext(weights)[1].lower()
-        arrays = read_torch_file(weights) if suffix in (".pt", ".pth") else read_safetensors(
-            weights)
-        return arrays, framework or weights_layout(arrays)
+        if os.path.splitext(weights)[1].lower() in (".pt", ".pth"):
+            return read_torch_file(weights), "torch", ""  # torch.save's format: PyTorch's
+        arrays = read_safetensors(weights)
+        recorded = weights_framework(weights)
+        if recorded:
+            return arrays, recorded, ""
+        guess = weights_layout(arrays)
+        return arrays, guess, (f"{weights} does not record which framework wrote it; taken as "
+                               f"{guess} from its parameter names")
     for fw in ((framework,) if framework else ("jax", "torch")):
         path = run_dir / f"weights_{fw}.safetensors"
-        if path.is_file():
-            return read_safetensors(path), fw
+        if path.is_file():  # a run before the record: the file's name says whose it is
+            return read_safetensors(path), weights_framework(path) or fw, ""
     if (run_dir / "meta.json").is_file() or (run_dir / "checkpoints").is_dir():
         saved = checkpoint.load(run_dir)
-        return saved.weights, framework or saved.meta["framework"]
+        return saved.weights, saved.meta["framework"], ""
     raise ConfigError(f"{run_dir}: no weights_jax.safetensors, weights_torch.safetensors or "
                       f"checkpoint; pass --weights FILE")
 
@@ -120,8 +135,9 @@ def read_images(source: str | os.PathLike, limit: int = 0
 
 
 def make_trainer(cfg: dict[str, Any], framework: str, arrays: dict[str, np.ndarray],
-                 images: np.ndarray):
-    """A trainer of ``framework`` holding ``arrays`` (converted if in the other layout)."""
+                 layout: str, images: np.ndarray):
+    """A trainer of ``framework`` holding ``arrays``, which are in ``layout``'s names and
+    layouts (converted when that is the other framework)."""
     tiny = Dataset("predict", "images to label", images[:1], np.zeros(1, np.int64), images,
                    np.zeros(len(images), np.int64))
     if framework == "torch":
@@ -129,7 +145,6 @@ def make_trainer(cfg: dict[str, Any], framework: str, arrays: dict[str, np.ndarr
     else:
         from jaxnets.train import Trainer
     trainer = Trainer(cfg, tiny)
-    layout = weights_layout(arrays)
     if layout != framework:
         arrays = torch_to_flax(arrays) if framework == "jax" else flax_to_torch(arrays)
     trainer.load_weights(arrays)
@@ -145,9 +160,10 @@ def predict(run_dir: str | os.PathLike, images_source: str | os.PathLike, limit:
     if cfg["data"]["dataset"] not in IMAGE_DATASETS:
         raise ConfigError(f"{run_dir}: this model was trained on {cfg['data']['dataset']!r} "
                           f"data, not images; predict labels images")
-    arrays, framework = find_weights(run_dir, framework, weights)
+    arrays, layout, note = find_weights(run_dir, framework, weights)
+    framework = framework or layout
     images, names, labels = read_images(images_source, limit)
-    trainer = make_trainer(cfg, framework, arrays, images)
+    trainer = make_trainer(cfg, framework, arrays, layout, images)
     outputs = trainer.predict(images)
     metric = cfg["train"]["metric"]
     predicted = labels_from_outputs(outputs, metric)
@@ -170,4 +186,5 @@ def predict(run_dir: str | os.PathLike, images_source: str | os.PathLike, limit:
         writer.writeheader()
         writer.writerows(rows)
     accuracy = None if labels is None else float(np.mean(predicted == labels))
-    return {"framework": framework, "rows": rows, "accuracy": accuracy, "csv": str(target)}
+    return {"framework": framework, "rows": rows, "accuracy": accuracy, "csv": str(target),
+            "note": note}

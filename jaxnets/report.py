@@ -176,6 +176,9 @@ def compare_markdown(report: dict[str, Any]) -> str:
         f"{report['initial_weights_max_abs_diff']:.3g}",
         f"- first step loss: jax {first['jax']:.8f}, torch {first['torch']:.8f} "
         f"(difference {abs(first['jax'] - first['torch']):.3g})",
+        f"- devices, as each framework reports them: jax {report['devices']['jax']}, torch "
+        f"{report['devices']['torch']}",
+        f"- seconds: jax, {report['timing']['jax']}; torch, {report['timing']['torch']}",
         "",
         "| epoch | train loss jax | train loss torch | test loss jax | test loss torch "
         "| test acc jax % | test acc torch % | seconds jax | seconds torch | max step-loss diff |",

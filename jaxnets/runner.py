@@ -76,14 +76,17 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
                     {"framework": trainer.framework, "epoch": block.stop, "step": step,
                      "config": cfg, "epochs": rows})
     weights = out / f"weights_{trainer.framework}.safetensors"
-    write_safetensors(trainer.weights(), weights)
+    write_safetensors(trainer.weights(), weights, framework=trainer.framework)
     skipped = sum(r["skipped_steps"] for r in rows)
     report = {"config": cfg, "framework": trainer.framework, "epochs": rows,
               "final": {"test_accuracy": rows[-1]["test_accuracy"],
                         "test_loss": rows[-1]["test_loss"],
                         "train_seconds": sum(r["seconds"] for r in rows),
                         "skipped_steps": skipped},
-              "weights": str(weights), "checkpoint": str(last_saved)}
+              "weights": str(weights), "checkpoint": str(last_saved),
+              # as the framework reports them, not as asked for
+              "device": trainer.data_device(), "numerics": trainer.numerics(),
+              "timing": trainer.timing}
     if figures is not None:
         report["figures"] = [str(p) for p in figures(out, rows)]
     write_json(out / "report.json", report)

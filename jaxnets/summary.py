@@ -24,22 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.data import GENERATED_DATASETS
 from jaxnets.models import build_model
-
-IMAGE_SIZE = 28
+from jaxnets.spec import data_input_shape
 
 
 def input_shape(cfg: dict[str, Any], layout: str) -> tuple[int, ...]:
-    """One example's input batch shape: ``(1, in_features)`` for vectors (flattened images and
+    """One example's input batch shape: ``(1, features)`` for vectors (flattened images and
     the generated datasets), else ``(1, 28, 28, 1)`` (``"nhwc"``) or ``(1, 1, 28, 28)``
     (``"nchw"``)."""
-    if cfg["data"]["flatten"] or cfg["data"]["dataset"] in GENERATED_DATASETS:
-        return (1, cfg["model"]["in_features"])
+    shape = data_input_shape(cfg)
+    if len(shape) == 1 or layout == "nchw":
+        return (1, *shape)
     if layout == "nhwc":
-        return (1, IMAGE_SIZE, IMAGE_SIZE, 1)
-    if layout == "nchw":
-        return (1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        return (1, *shape[1:], shape[0])
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -50,7 +47,7 @@ def _num_params(module: nnx.Module) -> int:
 def jax_summary(cfg: dict[str, Any]) -> dict[str, Any]:
     """The summary of the Flax model ``cfg["model"]`` describes (see the module docstring)."""
     # Abstract all the way: parameters and activations are shapes only, nothing is computed.
-    model = nnx.eval_shape(lambda: build_model(cfg["model"], cfg["seed"]))
+    model = nnx.eval_shape(lambda: build_model(cfg["model"], cfg["seed"], data_input_shape(cfg)))
     graphdef, state = nnx.split(model)
     spec = jax.ShapeDtypeStruct(input_shape(cfg, "nhwc"), jnp.float32)
     outputs = jax.eval_shape(

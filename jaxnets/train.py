@@ -8,6 +8,7 @@ side-by-side comparison drive either one.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from typing import Any
 
 import jax
@@ -17,13 +18,15 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxnets.convert import flat_arrays, flax_params, load_flax_params, mismatches
+from jaxnets.convert import flat_arrays, flax_state, load_flax_params, mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
 from jaxnets.errors import CheckpointError
-from jaxnets.losses import LOSSES, METRICS
+from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
+from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
+from jaxnets.spec import data_input_shape, model_layers
 
 DTYPES = ("float32", "float64")
 
@@ -32,8 +35,8 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
     if dtype == "float64" and not jax.config.jax_enable_x64:
-        raise RuntimeError("float64 in JAX needs jax.config.update('jax_enable_x64', True) "
-                           "before any array is made")
+        raise RuntimeError("float64 in JAX needs x64 mode on for the whole run: work inside "
+                           "`with jaxnets.numerics.jax_numerics('float64'):`")
     return dtype
 
 
@@ -41,24 +44,39 @@ class Trainer:
     """Trains one Flax model on one dataset. ``framework`` names the side in reports."""
 
     framework = "jax"
+    # how train_epochs' seconds are measured, for reports
+    timing = ("wall-clock seconds from the first step's dispatch until every step's results "
+              "are on the host; compilation timed apart; with a progress bar, the bar advances "
+              "between compiled blocks of train.log_every steps (no host callback inside the "
+              "compiled code)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None,
                  dtype: str = "float32"):
-        """``dtype="float64"`` needs JAX's x64 mode on (``jax.config.update("jax_enable_x64",
-        True)`` before any array is made)."""
+        """``dtype="float64"`` needs JAX's x64 mode on while the trainer is made and used
+        (``jaxnets.numerics.jax_numerics("float64")``). The data goes to JAX's default device
+        (``jax_numerics(device=...)`` chooses it)."""
         self.cfg = cfg
         self.dtype = check_dtype(dtype)
-        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
-        if dtype != "float32":
-            nnx.update(self.model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(self.model)))
+        self.model = model if model is not None else build_model(
+            cfg["model"], cfg["seed"], data_input_shape(cfg))
+        if dtype != "float32":  # floats only: dropout's draw counters stay integers
+            nnx.update(self.model, jax.tree.map(
+                lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                nnx.state(self.model)))
         self.optimizer = make_optimizer(cfg["optimizer"])
-        graphdef, params = nnx.split(self.model)
-        self.params = params
+        # Optax sees the parameters only; the rest (BatchNorm statistics, dropout draw counters)
+        # is state the forward pass updates in train mode
+        graphdef, params, other = nnx.split(self.model, nnx.Param, ...)
+        self.params, self.other = params, other
         self.opt_state = self.optimizer.init(params)
         # the whole dataset goes to the device once; epochs gather their batches there
         arrays = [a.astype(dtype) if a.dtype.kind == "f" else a
                   for a in model_arrays(dataset, cfg, "jax")]
         self.host_x, self.host_y = arrays[0], arrays[1]  # for the streaming path
+        if cfg["train"]["loss"] == "cross_entropy":
+            classes = model_layers(cfg["model"], data_input_shape(cfg))[-1].out_shape[-1]
+            for labels, split in ((arrays[1], "training"), (arrays[3], "test")):
+                check_label_range(labels, classes, f"{dataset.name} {split} labels")
         self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
         self._bar = None
         self._compiled: dict = {}
@@ -67,74 +85,82 @@ class Trainer:
         num_correct = METRICS[cfg["train"]["metric"]]
         skip_nonfinite = cfg["train"]["on_nonfinite"] == "skip"
 
-        def apply(params, x):
-            return nnx.merge(graphdef, params)(x)
+        def apply(params, other, x, train=False):
+            """(outputs, other state after the pass): train mode updates BatchNorm's running
+            statistics and dropout's draw counters; eval mode returns ``other`` unchanged."""
+            model = nnx.merge(graphdef, params, other, copy=True)
+            outputs = model(x, train)
+            return outputs, nnx.split(model, nnx.Param, ...)[2]
 
-        def train_step(carry, batch, tick):
-            params, opt_state = carry
+        def train_step(carry, batch):
+            """(params, other, opt_state), (x, y) -> (params, other', opt_state'), metrics."""
+            params, other, opt_state = carry
             x, y = batch
 
-            def objective(p):
-                outputs = apply(p, x)
-                return loss_fn(outputs, y), outputs
+            def objective(p, o):  # o as an argument: NNX mutates state of its own trace only
+                outputs, new_other = apply(p, o, x, True)
+                return loss_fn(outputs, y), (outputs, new_other)
 
-            (loss_value, outputs), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            (loss_value, (outputs, new_other)), grads = jax.value_and_grad(
+                objective, has_aux=True)(params, other)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            if skip_nonfinite:  # a NaN/Inf loss leaves parameters and optimizer state as they were
-                finite = jnp.isfinite(loss_value)
-                new_params, new_opt_state = jax.tree.map(
-                    lambda new, old: jnp.where(finite, new, old),
-                    (new_params, new_opt_state), (params, opt_state))
-            params, opt_state = new_params, new_opt_state
-            if tick:
-                jax.debug.callback(self._tick, loss_value)
-            return (params, opt_state), (loss_value, num_correct(outputs, y))
+            new = (optax.apply_updates(params, updates), new_other, new_opt_state)
+            if skip_nonfinite:  # a NaN/Inf loss or gradient: every state stays as it was
+                finite = jnp.isfinite(loss_value) & jnp.all(jnp.stack(
+                    [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+                new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                                   (params, other, opt_state))
+            return new, (loss_value, num_correct(outputs, y))
 
-        def train_epoch(params, opt_state, x_all, y_all, index_batches, tick):
+        def train_epoch(params, other, opt_state, x_all, y_all, index_batches):
             """index_batches: (num_batches, batch_size) int. Returns per-step losses/corrects."""
             def body(carry, idx):
-                return train_step(carry, (x_all[idx], y_all[idx]), tick)
+                return train_step(carry, (x_all[idx], y_all[idx]))
 
-            (params, opt_state), (losses, correct) = jax.lax.scan(
-                body, (params, opt_state), index_batches)
-            return params, opt_state, losses, correct
+            (params, other, opt_state), (losses, correct) = jax.lax.scan(
+                body, (params, other, opt_state), index_batches)
+            return params, other, opt_state, losses, correct
 
-        def eval_batch(params, x, y):
-            outputs = apply(params, x)
+        def eval_batch(params, other, x, y):
+            outputs = apply(params, other, x)[0]
             return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
 
-        def loss_and_gradients(params, x, y):
-            return jax.value_and_grad(lambda p: loss_fn(apply(p, x), y))(params)
+        def loss_and_gradients(params, other, x, y):
+            """In train mode (batch statistics, the next dropout masks); state not kept."""
+            return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
+                params, other)
 
-        self.apply = jax.jit(apply)
+        self.apply = jax.jit(lambda params, other, x: apply(params, other, x)[0])
         self._loss_and_gradients = jax.jit(loss_and_gradients)
-        def one_step(params, opt_state, x_all, y_all, idx):
-            """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
-            (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x_all[idx], y_all[idx]), False)
-            return params, opt_state, loss_value, correct
 
-        def batch_step(params, opt_state, x, y):
+        def one_step(params, other, opt_state, x_all, y_all, idx):
+            """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
+            (params, other, opt_state), (loss_value, correct) = train_step(
+                (params, other, opt_state), (x_all[idx], y_all[idx]))
+            return params, other, opt_state, loss_value, correct
+
+        def batch_step(params, other, opt_state, x, y):
             """One step on a batch sent from the host (the ``stream`` path)."""
-            (params, opt_state), (loss_value, correct) = train_step(
-                (params, opt_state), (x, y), False)
-            return params, opt_state, loss_value, correct
+            (params, other, opt_state), (loss_value, correct) = train_step(
+                (params, other, opt_state), (x, y))
+            return params, other, opt_state, loss_value, correct
 
         self._train_batch = jax.jit(batch_step)
-        self._train_epoch = jax.jit(train_epoch, static_argnames="tick")
+        self._train_epoch = jax.jit(train_epoch)
         self._train_step = jax.jit(one_step)
         self._eval_batch = jax.jit(eval_batch)
-
-    def _tick(self, loss_value) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-            if self._bar.n % self.cfg["train"]["log_every"] == 0:
-                self._bar.set_postfix(loss=f"{float(loss_value):.4f}", refresh=False)
 
     @property
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
+
+    def data_device(self) -> str:
+        """The device the training data lives on, as JAX reports it."""
+        return ", ".join(sorted(str(d) for d in self.train_x.devices()))
+
+    def numerics(self) -> dict[str, Any]:
+        """JAX's numerics settings as JAX reports them now (``jaxnets.numerics``)."""
+        return read_jax_numerics()
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
         """One pass over the training set in the order :func:`epoch_batches` gives for ``epoch``."""
@@ -166,9 +192,10 @@ class Trainer:
                 steps = self._dispatch_steps(chunks)
             else:
                 steps = self._scan_steps(chunks, progress)
-            for step_losses, step_correct in steps:
-                losses.append(step_losses)
-                correct.append(step_correct)
+            with closing(steps):  # an interrupted epoch stops the prefetch thread at once
+                for step_losses, step_correct in steps:
+                    losses.append(step_losses)
+                    correct.append(step_correct)
             losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
             correct = np.concatenate([np.asarray(x) for x in correct])
         finally:
@@ -179,21 +206,31 @@ class Trainer:
             check_finite(losses, plan, epochs, self.framework)
         return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
 
-    def _scan_steps(self, chunks: list[np.ndarray], tick: bool):
-        """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk."""
+    def _scan_steps(self, chunks: list[np.ndarray], progress: bool):
+        """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk.
+        With a progress bar, a chunk runs as scans of ``train.log_every`` steps and the bar
+        advances between them, once each block's results are in: the compiled code never
+        calls back to the host, so the bar costs the timed steps nothing (same numbers)."""
+        block = self.cfg["train"]["log_every"] if progress else None
         for index_batches in chunks:
-            run = self._compiled_epoch(index_batches.shape, tick)
-            self.params, self.opt_state, step_losses, step_correct = run(
-                self.params, self.opt_state, self.train_x, self.train_y,
-                jnp.asarray(index_batches, jnp.int32))
-            yield step_losses, step_correct
+            for start in range(0, len(index_batches), block or len(index_batches)):
+                part = index_batches[start:start + block] if block else index_batches
+                run = self._compiled_epoch(part.shape)
+                self.params, self.other, self.opt_state, step_losses, step_correct = run(
+                    self.params, self.other, self.opt_state, self.train_x, self.train_y,
+                    jnp.asarray(part, jnp.int32))
+                if progress:
+                    self._bar.update(len(part))
+                    self._bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}", refresh=False)
+                yield step_losses, step_correct
 
     def _dispatch_steps(self, chunks: list[np.ndarray]):
         """Every step its own jitted call, gathering its batch from the on-device dataset."""
         for index_batches in chunks:
             for idx in jnp.asarray(index_batches, jnp.int32):
-                self.params, self.opt_state, step_loss, step_correct = self._train_step(
-                    self.params, self.opt_state, self.train_x, self.train_y, idx)
+                self.params, self.other, self.opt_state, step_loss, step_correct = (
+                    self._train_step(self.params, self.other, self.opt_state, self.train_x,
+                                     self.train_y, idx))
                 self._bar.update(1)
                 yield step_loss[None], step_correct[None]
 
@@ -201,22 +238,24 @@ class Trainer:
         """Every step its own jitted call on a batch gathered on the host and sent ahead."""
         batches = ((jax.device_put(self.host_x[idx]), jax.device_put(self.host_y[idx]))
                    for full, rest in plan for idx in (*full, *([] if rest is None else [rest])))
-        for x, y in prefetch(batches):
-            self.params, self.opt_state, step_loss, step_correct = self._train_batch(
-                self.params, self.opt_state, x, y)
-            self._bar.update(1)
-            yield step_loss[None], step_correct[None]
+        with closing(prefetch(batches)) as prefetched:  # an early stop ends its thread
+            for x, y in prefetched:
+                self.params, self.other, self.opt_state, step_loss, step_correct = (
+                    self._train_batch(self.params, self.other, self.opt_state, x, y))
+                self._bar.update(1)
+                yield step_loss[None], step_correct[None]
 
-    def _compiled_epoch(self, shape: tuple[int, int], tick: bool):
+    def _compiled_epoch(self, shape: tuple[int, int]):
         """The epoch function compiled ahead of time for this batch shape; the compilation
         seconds are added to ``compile_seconds`` instead of to the epoch's training time."""
-        key = (shape, tick)
+        # the numerics settings change the compiled code (jaxnets.numerics)
+        key = (shape, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
         if key not in self._compiled:
             start = time.perf_counter()
             index = jax.ShapeDtypeStruct(shape, jnp.int32)
             self._compiled[key] = self._train_epoch.lower(
-                self.params, self.opt_state, self.train_x, self.train_y, index, tick=tick
-            ).compile()
+                self.params, self.other, self.opt_state, self.train_x, self.train_y,
+                index).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
 
@@ -229,7 +268,8 @@ class Trainer:
         size = self.cfg["train"]["eval_batch_size"]
         loss_sum, correct = 0.0, 0
         for start in range(0, len(x), size):
-            batch_loss, batch_correct = self._eval_batch(self.params, x[start:start + size],
+            batch_loss, batch_correct = self._eval_batch(self.params, self.other,
+                                                         x[start:start + size],
                                                          y[start:start + size])
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
@@ -240,29 +280,31 @@ class Trainer:
         """Model outputs for raw examples (as a :class:`Dataset` holds them), in batches."""
         x = preprocess(raw_x, self.cfg["data"], input_layout(self.cfg, "jax")).astype(self.dtype)
         size = self.cfg["train"]["eval_batch_size"]
-        return np.concatenate([np.asarray(self.apply(self.params, x[i:i + size]))
+        return np.concatenate([np.asarray(self.apply(self.params, self.other, x[i:i + size]))
                                for i in range(0, len(x), size)]) if len(x) else np.zeros((0,))
 
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
         """The loss of one batch and its gradient for every parameter (Flax names, layouts)."""
-        loss, grads = self._loss_and_gradients(self.params, x, y)
+        loss, grads = self._loss_and_gradients(self.params, self.other, x, y)
         return float(loss), flat_arrays(grads)
 
     def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Every step's output (NHWC where 4-D), with the current parameters."""
-        nnx.update(self.model, self.params)
+        """Every step's output (NHWC where 4-D), with the current parameters, in eval mode."""
+        nnx.update(self.model, self.params, self.other)
         return [(name, np.asarray(out)) for name, out in self.model.forward_layers(x)]
 
     def weights(self) -> dict[str, np.ndarray]:
-        """Current parameters as ``{"layers.0.kernel": array, ...}`` (Flax names and layouts)."""
-        nnx.update(self.model, self.params)
-        return flax_params(self.model)
+        """Current parameters and state as ``{"layers.0.kernel": array, "bn.mean": ...}``
+        (Flax names and layouts)."""
+        nnx.update(self.model, self.params, self.other)
+        return flax_state(self.model)
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the parameters (Flax names and layouts) and restart the optimizer state."""
+        """Replace the parameters and state (Flax names and layouts) and restart the optimizer
+        state."""
         load_flax_params(self.model, arrays)
-        self.params = nnx.state(self.model)
+        _, self.params, self.other = nnx.split(self.model, nnx.Param, ...)
         self.opt_state = self.optimizer.init(self.params)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:

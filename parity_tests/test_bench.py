@@ -1,11 +1,14 @@
-"""The benchmark's bookkeeping (what it counts and writes), not its speed: tests never time."""
+"""The benchmark's bookkeeping (what it counts, flags and writes), not its speed: tests never
+time."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
-from bench import measure, report
+from bench import measure, report, timing
 from jaxnets.config import load_config
 from jaxnets.data import load_generated
 
@@ -34,12 +37,82 @@ def test_bench_writes_results(tmp_path):
         assert r["samples_per_s"] > 0 and math.isfinite(r["gflops"]) and r["repeats"] == 2
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
         assert r["peak_rss_mb"] > 0 and r["compile_s"] >= 0
+        assert r["spread"] >= 1.0 and len(r["load_before"]) == len(r["load_after"]) == 2
+        assert r["competing_cores"] >= 0 and isinstance(r["unstable"], list)
     assert next(r for r in rows if r["phase"] == "train")["examples"] == 5 * 3000
+    threads = timing.set_threads()
     machine = report.machine_info("cpu", {"jax_gflops": 10.0, "torch_gflops": 20.0,
-                                          "matmul_peak_gflops": 20.0})
+                                          "matmul_peak_gflops": 20.0}, threads)
     report.write(tmp_path, machine, rows, "jaxnets bench spiral_relu")
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["machine"]["matmul_peak_gflops"] == 20.0
+    assert results["machine"]["torch_threads"] == threads["jax_cpu_threads"]
     assert all(r["peak_fraction"] == r["gflops"] / 20.0 for r in results["results"])
-    assert "| spiral_relu | scan |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| spiral_relu | scan" in text and "XLA:CPU threads" in text
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flops_for_every_layer_type():
+    # resnet_gelu_fashion by hand, one example: stem 3x3 1->8 at 28x28; block1 two 3x3 8->8
+    # at 28x28, its add; block2 3x3 8->16 stride 2 and 3x3 16->16 at 7x7, the 1x1 8->16
+    # projection at 7x7, its add; avg pool 2x2 to 14x14x8; GELU one per element
+    cfg = load_config("resnet_gelu_fashion")
+    by_name = {name: flops for name, _, flops in measure.flops_by_layer(cfg)}
+    assert by_name["stem"] == 2 * 9 * 1 * 8 * 28 * 28
+    assert by_name["block1"] == 2 * (2 * 9 * 8 * 8 * 28 * 28) + 8 * 28 * 28 + 8 * 28 * 28
+    assert by_name["block2"] == (2 * 9 * 8 * 16 * 49 + 16 * 49 + 2 * 9 * 16 * 16 * 49
+                                 + 16 * 49 + 2 * 8 * 16 * 49)
+    assert by_name["avgpool_4"] == 4 * 8 * 14 * 14 and by_name["gelu_1"] == 8 * 28 * 28
+    assert by_name["global_avgpool_7"] == 16 * 49 and by_name["norm"] == 5 * 16
+    assert by_name["fc"] == 2 * 16 * 10
+    assert measure.layer_flops(cfg) == [by_name["stem"], 2 * 9 * 8 * 8 * 784,
+                                        2 * 9 * 8 * 8 * 784, 2 * 9 * 8 * 16 * 49,
+                                        2 * 9 * 16 * 16 * 49, 2 * 8 * 16 * 49, by_name["fc"]]
+    kinds = {kind for _, kind, _ in measure.flops_by_layer(load_config("vgg_bn_fashion"))}
+    assert {"batchnorm", "dropout", "maxpool", "conv2d", "linear"} <= kinds
+
+
+def _row(mode, per_s, unstable=()):
+    return {"config": "c", "framework": "jax" if mode in measure.JAX_MODES else "torch",
+            "mode": mode, "phase": "train", "samples_per_s": per_s, "samples_per_s_min": per_s,
+            "samples_per_s_max": per_s, "gflops": 1.0, "peak_fraction": 0.1, "spread": 1.0,
+            "competing_cores": 0.0, "compile_s": 0.0, "peak_rss_mb": 1.0,
+            "unstable": list(unstable)}
+
+
+def test_unstable_modes_are_left_out_of_the_ratios():
+    rows = [_row("scan", 300.0), _row("jit_step", 900.0, ["spread 2.00 > 1.3"]),
+            _row("eager", 100.0), _row("compile", 50.0, ["other processes used 1.0 cores"])]
+    assert report.best_jax(rows, "c", "train")["mode"] == "scan"  # jit_step is unstable
+    table = "\n".join(report._ratio_table(rows, ["c"], "train"))
+    # best JAX (scan) / eager = 3.00x; / compile left out; jit_step / eager left out
+    assert "| c | scan | 3.00x | - | 3.00x | - | - |" in table
+    machine = {"platform": "p", "cpu_count": 2, "torch_threads": 2, "jax_devices": ["cpu"],
+               "versions": {}, "matmul_peak_gflops": 1.0, "jax_gflops": 1.0,
+               "torch_gflops": 1.0, "matmul_peak_unstable": ["spread 1.50 > 1.3"]}
+    text = report.markdown(machine, rows, "cmd")
+    assert "| c | jit_step (!) |" in text and "- c compile train: other processes" in text
+    assert "PyTorch 1.0), unstable: spread 1.50 > 1.3." in text
+
+
+def test_a_competing_process_flags_the_measurement():
+    """A busy process on one core while the modes run: every mode is flagged unstable, with
+    the other processes' CPU use as the reason (no speed is asserted)."""
+    cfg = load_config("spiral_relu")
+    data = load_generated("spiral", cfg["data"]["seed"])
+    busy = subprocess.Popen(  # spins for at most 120 s even if never killed
+        [sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: "
+         "pass"])
+    messages = []
+    try:
+        rows = measure.bench_config(cfg, data, repeats=2, steps=40, modes=("scan", "eager"),
+                                    echo=messages.append)
+    finally:
+        busy.kill()
+        busy.wait(timeout=30)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["competing_cores"] > timing.COMPETING_LIMIT, r
+        assert any("other processes used" in reason for reason in r["unstable"]), r
+    assert sum("unstable" in m and "left out of the ratios" in m for m in messages) == 4

@@ -50,10 +50,11 @@ def test_train_blocks_have_absolute_boundaries():
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-@pytest.mark.parametrize("config", ["mlp_fashion", "convnet_mnist"])
+@pytest.mark.parametrize("config", ["mlp_fashion", "convnet_mnist", "vgg_bn_fashion"])
 def test_resume_is_bit_exact(fashion, tmp_path, framework, config):
     """Train 2 epochs and stop; later resume to 4: the weights, optimizer state and per-step
-    losses equal those of a 4-epoch run without a stop."""
+    losses equal those of a 4-epoch run without a stop (vgg_bn_fashion: BatchNorm's running
+    statistics and dropout's draw counters too)."""
     overrides = ["data.train_limit=700", 'data.dataset="fashion_mnist"', "train.epochs=4"]
     cfg = load_config(config, overrides)
     data = fashion.head(700, 300)

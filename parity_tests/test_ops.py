@@ -24,8 +24,8 @@ Tolerances (max-abs, rtol 0, ``conftest.assert_allclose``):
 
 Findings (CPU, jax 0.10.2, torch 2.13.0), each asserted below:
 
-* Max-pool 2x2 stride 2 (``jaxnets.models.max_pool`` = ``nnx.max_pool``, and
-  ``torchref.models.max_pool`` = ``F.max_pool2d``), gradient of a window whose maximum is tied:
+* Max-pool 2x2 stride 2 (``jaxnets.pooling.max_pool`` = ``nnx.max_pool``, and
+  ``F.max_pool2d``), gradient of a window whose maximum is tied:
   BOTH frameworks route the window's whole gradient to the FIRST maximal element in row-major
   window order (top-left, top-right, bottom-left, bottom-right); the other tied elements get
   exactly 0; the gradient is never split and never goes to the last maximum. So the gradients
@@ -44,7 +44,8 @@ Findings (CPU, jax 0.10.2, torch 2.13.0), each asserted below:
   ``torch.linalg.vector_norm``) is 0, ``jnp.linalg.norm``'s is NaN; ``jaxnets.losses.l2_distance``
   masks it to 0 like torch.
 * ``nnx.Conv``'s default padding is ``"SAME"`` (torch's is 0): ``Conv(5, 10, 3)`` on 100x100
-  gives 100x100 in Flax, 98x98 in torch; ``jaxnets.models._conv`` passes explicit padding.
+  gives 100x100 in Flax, 98x98 in torch; the conv2d builder (``jaxnets.layers``) passes
+  explicit padding.
 * ``nnx.Conv`` is exactly ``lax.conv_general_dilated(NHWC, HWIO) + bias``: bitwise equal.
 """
 
@@ -62,9 +63,9 @@ import torch.nn.functional as F
 from flax import nnx
 
 from conftest import assert_allclose
-from jaxnets import losses
-from jaxnets import models as jax_models
-from torchref import models as torch_models
+from jaxnets import layers as jax_layers
+from jaxnets import losses, pooling
+from jaxnets.spec import infer_shapes, parse_layers
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 # elementwise ops and losses; see the module docstring
@@ -374,7 +375,7 @@ def tied_windows(x: np.ndarray) -> int:
 
 
 def _pool_vjp(x, cot):
-    return jnp.sum(jax_models.max_pool(x) * cot)
+    return jnp.sum(pooling.max_pool(x, (2, 2), (2, 2)) * cot)
 
 
 _pool_grad = jax.grad(_pool_vjp)
@@ -387,12 +388,12 @@ def pool_both(x: np.ndarray, dtype, seed: int = 4):
     cot = np.random.default_rng(seed).uniform(1, 2, (*x.shape[:2], x.shape[2] // 2,
                                                       x.shape[3] // 2)).astype(dtype)
     jax_in, jax_cot = jx(nhwc(x), dtype), jx(nhwc(cot), dtype)
-    y = jax_models.max_pool(jax_in)
+    y = pooling.max_pool(jax_in, (2, 2), (2, 2))
     grad = _pool_grad(jax_in, jax_cot)
     jitted = _pool_grad_jit(jax_in, jax_cot)
     assert np.array_equal(npy(jitted, dtype), npy(grad, dtype)), "jit changed the routing"
     xt = tt(x, dtype, grad=True)
-    yt = torch_models.max_pool(xt)
+    yt = F.max_pool2d(xt, 2, 2)
     (yt * tt(cot, dtype)).sum().backward()
     return (nchw(npy(y, dtype)), nchw(npy(grad, dtype)), npy(yt, dtype), npy(xt.grad, dtype),
             cot)
@@ -530,8 +531,12 @@ def test_project_conv_pads_explicitly_because_flax_defaults_to_same():
     assert default(x).shape == (1, 100, 100, 10)  # padding="SAME"
     # the project's factory, shapes only (abstract evaluation: its random init is slow to
     # compile and irrelevant here)
-    project = nnx.eval_shape(lambda: jax_models._conv(5, 10, 3, 0, "torch", 0.01, nnx.Rngs(0)))
+    [layer] = parse_layers([{"type": "conv2d", "out": 10, "kernel": 3}])
+    infer_shapes([layer], (5, 100, 100))
+    settings = {"init": "torch", "init_std": 0.01, "conv": "auto"}
+    project = nnx.eval_shape(lambda: jax_layers.BUILDERS["conv2d"](layer, settings, nnx.Rngs(0)))
     assert project.padding == ((0, 0), (0, 0))
     assert project.kernel.shape == (3, 3, 5, 10)
-    out = nnx.eval_shape(lambda: jax_models._conv(5, 10, 3, 0, "torch", 0.01, nnx.Rngs(0))(x))
+    out = nnx.eval_shape(
+        lambda: jax_layers.BUILDERS["conv2d"](layer, settings, nnx.Rngs(0))(x))
     assert out.shape == (1, 98, 98, 10)

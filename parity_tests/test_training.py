@@ -11,12 +11,11 @@ import torch
 
 from conftest import assert_allclose
 from jaxnets import convert
+from jaxnets.config import load_config
 from jaxnets.data import epoch_batches, load_dataset, preprocess
 from jaxnets.errors import ConversionError
-from jaxnets.models import MLP as JaxMLP
 from jaxnets.models import build_model as build_jax
 from jaxnets.train import Trainer as JaxTrainer
-from torchref.models import MLP as TorchMLP
 from torchref.models import build_model as build_torch
 from torchref.train import Trainer as TorchTrainer
 
@@ -57,8 +56,8 @@ def test_both_frameworks_see_the_same_batches(fashion, small_cfg):
 def test_mlp_output_shapes(fashion):
     x = fashion.test_x[:5]
     scale = {"preprocess": "scale", "mean": 0.0, "std": 1.0}
-    jax_model = JaxMLP(784, [512, 512], 10, rngs=__import__("flax").nnx.Rngs(0))
-    torch_model = TorchMLP(784, [512, 512], 10)
+    mlp = load_config("mlp_fashion")["model"]  # 784-512-512-10, ReLU
+    jax_model, torch_model = build_jax(mlp, 0), build_torch(mlp, 0)
     assert jax_model(preprocess(x, scale, "flat")).shape == (5, 10)
     assert jax_model(preprocess(x, scale, "nhwc")).shape == (5, 10)  # flattens images itself
     assert torch_model(torch.from_numpy(preprocess(x, scale, "nchw"))).shape == (5, 10)

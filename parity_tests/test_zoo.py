@@ -12,8 +12,8 @@ from jaxnets import convert
 from jaxnets.config import available_configs, load_config
 from jaxnets.data import load_generated, preprocess
 from jaxnets.errors import ConversionError
+from jaxnets.layers import flatten_chw
 from jaxnets.models import build_model as build_jax
-from jaxnets.models import flatten_chw
 from torchref.models import build_model as build_torch
 
 CONFIGS = sorted(available_configs())
@@ -48,7 +48,7 @@ def test_all_seed_experiments_have_configs():
 def test_converted_weights_give_the_same_outputs(name, fashion):
     cfg = load_config(name)
     jax_x, torch_x = inputs(cfg, fashion)
-    torch_model = build_torch(cfg["model"], seed=1)
+    torch_model = build_torch(cfg["model"], seed=1).eval()  # jax_model(x): eval mode too
     jax_model = build_jax(cfg["model"], seed=2)
     convert.load_flax_params(jax_model, convert.torch_to_flax(torch_weights(torch_model)))
     with torch.no_grad():

@@ -3,7 +3,9 @@
 PyTorch initialises the model; its ``state_dict`` goes through a safetensors file into the
 Flax model (``jaxnets.convert``); then each block of epochs runs in JAX and in PyTorch on the
 index batches ``jaxnets.data.epoch_batches`` made once, and a table row compares them. An
-ensemble config repeats this for each member (seeds ``seed``, ``seed + 1``, ...).
+ensemble config repeats this for each member (seeds ``seed``, ``seed + 1``, ...). Both run on
+one device with the same numerics (``torchref.numerics``: TF32 off on both), and the report
+records the devices and settings as each framework reports them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jaxnets.report import (
     write_json,
 )
 from jaxnets.train import Trainer as JaxTrainer
+from torchref.numerics import numerics, read_numerics, torch_device
 from torchref.train import Trainer as TorchTrainer
 
 
@@ -54,14 +57,14 @@ def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
 
 
 def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: bool,
-                   echo: Callable[[str], None]) -> dict[str, Any]:
-    """One model trained side by side; returns its part of the report."""
-    torch_side = TorchTrainer(cfg, dataset)
+                   echo: Callable[[str], None], device: str = "cpu") -> dict[str, Any]:
+    """One model trained side by side on ``device``; returns its part of the report."""
+    torch_side = TorchTrainer(cfg, dataset, device=torch_device(device))
     jax_side = JaxTrainer(cfg, dataset)
 
     # Identical start: torch's initial weights -> safetensors -> the Flax model.
     initial = out / f"initial_weights_torch_seed{cfg['seed']}.safetensors"
-    convert.write_safetensors(torch_side.weights(), initial)
+    convert.write_safetensors(torch_side.weights(), initial, framework="torch")
     jax_side.load_weights(convert.torch_to_flax(convert.read_safetensors(initial)))
     init_diff = max_abs_diff(torch_side.weights(), convert.flax_to_torch(jax_side.weights()))
 
@@ -85,9 +88,9 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
         echo(compare_row(block.stop, jax_stats[-1], torch_stats[-1], block_diff,
                          sum(s.seconds for s in jax_stats), sum(s.seconds for s in torch_stats)))
     last = epochs[-1]
-    jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.test_x))
-    with torch.no_grad():
-        torch_out = torch_side.model(torch_side.test_x).cpu().numpy()
+    jax_out = np.asarray(jax_side.apply(jax_side.params, jax_side.other, jax_side.test_x))
+    with torch.no_grad():  # eval mode on both sides
+        torch_out = torch_side.model.eval()(torch_side.test_x).cpu().numpy()
     return {
         "seed": cfg["seed"],
         "initial_weights_max_abs_diff": init_diff,
@@ -112,8 +115,15 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
 
 
 def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
-            echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``cfg`` in both frameworks side by side; write ``out/report.json`` and ``.md``."""
+            echo: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
+    """Train ``cfg`` in both frameworks side by side on ``device`` ("cpu" or "gpu", float32,
+    TF32 off: :func:`torchref.numerics.numerics`); write ``out/report.json`` and ``.md``."""
+    with numerics("float32", device):
+        return _compare(cfg, out, progress, echo, device)
+
+
+def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str], None],
+             device: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("", encoding="utf-8")  # appended to, epoch by epoch
     dataset = load_dataset(cfg["data"])
@@ -129,18 +139,23 @@ def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
         if size > 1:
             echo(f"member {m + 1}/{size} (seed {member_cfg['seed']})")
         members.append(compare_member(member_cfg, dataset, out, progress,
-                                      echo if m == 0 else (lambda _line: None)))
+                                      echo if m == 0 else (lambda _line: None), device))
         if m > 0:
             f = members[-1]["final"]
             echo(f"  final test loss: jax {f['jax_test_loss']:.6f}, torch "
                  f"{f['torch_test_loss']:.6f}")
     first = members[0]
     for fw, trainer in first["trainers"].items():  # the (first) model, for `jaxnets predict`
-        convert.write_safetensors(trainer.weights(), out / f"weights_{fw}.safetensors")
+        convert.write_safetensors(trainer.weights(), out / f"weights_{fw}.safetensors",
+                                  framework=fw)
     report: dict[str, Any] = {
         "config": cfg, "dataset": dataset.name, "data_source": dataset.source,
         "num_train": len(dataset.train_x), "num_test": len(dataset.test_x),
-        "versions": versions(), "devices": {"jax": str(jax.devices()[0]), "torch": "cpu"},
+        "versions": versions(),
+        # as each framework reports them: where the training data lives, and the settings
+        "devices": {fw: t.data_device() for fw, t in first["trainers"].items()},
+        "numerics": read_numerics(),
+        "timing": {fw: t.timing for fw, t in first["trainers"].items()},
         "initial_weights_max_abs_diff": max(m["initial_weights_max_abs_diff"] for m in members),
         "first_step_loss": first["first_step_loss"],
         "epochs": first["epochs"],

@@ -1,10 +1,11 @@
 """``jaxnets parity``: evidence that each JAX model computes what its PyTorch twin computes.
 
-For every config, from PyTorch's initial weights converted into the Flax model and identical
-inputs: every layer's activations, the loss, every parameter's gradient, one optimizer step,
-and a K-step training trajectory on identical batches. Each check records its max-abs and
-max-relative difference against a stated tolerance; a failed check names the first layer
-whose values differ beyond it, so a broken port points at its own bug.
+A front end of the verification engine (``torchref.verify``): for every config, from PyTorch's
+initial weights converted into the Flax model and identical inputs, the engine's layer-by-layer
+forward and backward (the zoo's pair as any user's pair), the loss, every parameter's gradient;
+then one optimizer step and a K-step training trajectory on identical batches. Each check
+records its max-abs and max-relative difference against a stated tolerance; a failed check
+names the first layer whose values differ beyond it, so a broken port points at its own bug.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from jaxnets import convert
 from jaxnets.data import Dataset, load_dataset, model_arrays
 from jaxnets.report import write_json
+from torchref.numerics import numerics, read_numerics, tf32_summary, torch_device
 
 # Tolerances (max-abs), each with its reason.
 TOLERANCES = {
@@ -71,8 +73,14 @@ def tolerances(cfg: dict[str, Any], dtype: str, steps: int) -> dict[str, float]:
 NOISE_MARGIN = 2.0
 
 
+def compared(torch_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The torch weights a JAX twin also holds: all but BatchNorm's ``num_batches_tracked``,
+    which Flax does not keep (``jaxnets.convert.drop_num_batches_tracked``)."""
+    return {k: v for k, v in torch_weights.items() if not k.endswith(".num_batches_tracked")}
+
+
 def weights_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(diffs(a[name], value)[0] for name, value in b.items())
+    return max(diffs(a[name], value)[0] for name, value in compared(b).items())
 
 
 def noise_bound(tolerance: float, floor: float | None) -> float:
@@ -109,11 +117,6 @@ def diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     absolute = np.abs(a - b)
     return float(absolute.max()), float((absolute / np.maximum(np.abs(b), 1e-30)).max())
-
-
-def nchw(array: np.ndarray) -> np.ndarray:
-    """A JAX activation in PyTorch's layout (NHWC -> NCHW); vectors unchanged."""
-    return array.transpose(0, 3, 1, 2) if array.ndim == 4 else array
 
 
 def layer_of(param_name: str) -> str:
@@ -170,6 +173,50 @@ def twins(cfg, dataset, dtype, device, converter):
     return jax_side, torch_side, noise
 
 
+def engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, dtype
+                  ) -> list[Check]:
+    """The engine's rows (``torchref.verify``) for one config as parity's forward, loss and
+    gradients checks. A check passes when the engine judges every row of it (the Flax side
+    against PyTorch float64, within PyTorch's own float32 error; or float64's tolerances)
+    *and* its largest Flax-vs-PyTorch difference stays within this module's fixed tolerance,
+    as before the engine existed. ``converter`` puts the weights in (a test plants a wrong
+    one)."""
+    from torchref.verify.engine import verify
+
+    def load(torch_model, flax_model):
+        weights = {k: v.detach().cpu().numpy().copy() for k, v in
+                   torch_model.state_dict().items()}
+        convert.load_flax_params(flax_model, converter(weights))
+
+    report = verify(torch_side.model, jax_side.model, torch_x, targets=torch_y,
+                    loss=cfg["train"]["loss"], dtype=dtype, modes=("eval",),
+                    load=load)
+    groups = {"forward": [r for r in report.rows if r.check in ("forward", "input", "proof")
+                          and r.layer != "output"],
+              "loss": [r for r in report.rows if r.check == "loss"],
+              "gradients": [r for r in report.rows if r.check in ("params", "backward")]}
+    checks = []
+    for name, rows in groups.items():  # rows in execution order (the engine's)
+        worst_abs = max((r.extra.get("vs_torch_max_abs", 0.0) for r in rows), default=0.0)
+        worst_rel = max((r.extra.get("vs_torch_max_rel", 0.0) for r in rows), default=0.0)
+        bad = [r for r in rows if not r.passed
+               or not r.extra.get("vs_torch_max_abs", 0.0) <= tol[name]]
+        first, detail = None, ""
+        if bad:
+            first = layer_of(bad[0].layer) if bad[0].check == "params" else bad[0].layer
+            if name == "forward" and report.first_divergent_layer:
+                first = report.first_divergent_layer
+            detail = (f"{first}: max-abs difference {bad[0].extra.get('vs_torch_max_abs', 0):.3g}"
+                      f" ({bad[0].check}, {bad[0].mode}: error {bad[0].error:.3g} against "
+                      f"PyTorch float64, bound {bad[0].bound:.3g})")
+        if name == "forward":
+            output = next(r for r in report.rows if r.layer == "output")
+            detail += f" (output max-abs {output.extra.get('vs_torch_max_abs', 0.0):.3g})"
+        checks.append(Check(cfg["name"], name, worst_abs, worst_rel, tol[name], not bad, first,
+                            detail.strip()))
+    return checks
+
+
 def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
                  device: str = "cpu", steps: int = 100,
                  converter: Callable[[dict], dict] = convert.torch_to_flax) -> list[Check]:
@@ -179,30 +226,11 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     checks = []
     batch = probe_batch(cfg, dataset)
     jax_side, torch_side, _ = twins(cfg, batch, dtype, device, converter)
-    jax_x, jax_y, _, _ = model_arrays(batch, cfg, "jax")
     torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
-    jax_x, torch_x = jax_x.astype(dtype), torch_x.astype(dtype)
-    if jax_y.dtype.kind == "f":
-        jax_y, torch_y = jax_y.astype(dtype), torch_y.astype(dtype)
 
-    # forward, layer by layer
-    jax_layers = jax_side.forward_layers(jax_x)
-    torch_layers = dict(torch_side.forward_layers(torch_x))
-    pairs = [(name, nchw(out), torch_layers[name]) for name, out in jax_layers]
-    forward = _named_check(cfg, "forward", pairs, tol["forward"])
-    out_abs, _ = diffs(*pairs[-1][1:])
-    forward.detail = (forward.detail or "") + f" (output max-abs {out_abs:.3g})"
-    checks.append(forward)
-
-    # loss and gradients
-    jax_loss, jax_grads = jax_side.loss_and_gradients(jax_x, jax_y)
-    torch_loss, torch_grads = torch_side.loss_and_gradients(torch_x, torch_y)
-    checks.append(_named_check(cfg, "loss", [("loss", np.float64(jax_loss),
-                                              np.float64(torch_loss))], tol["loss"]))
-    jax_grads = convert.flax_to_torch(jax_grads)
-    checks.append(_named_check(cfg, "gradients", [
-        (layer_of(name), jax_grads[name], g) for name, g in torch_grads.items()],
-        tol["gradients"]))
+    # forward, loss and gradients: the verification engine, layer by layer, against PyTorch
+    # in float64, on the zoo's pair as on any user's pair
+    checks += engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, dtype)
 
     # one optimizer step on that batch (one full batch: batch_size = the batch)
     step_cfg = copy.deepcopy(cfg)
@@ -210,7 +238,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     jax_side, torch_side, noise = twins(step_cfg, batch, dtype, device, converter)
     for trainer in (jax_side, torch_side):
         trainer.train_epoch(0, progress=False)
-    after, reference = convert.flax_to_torch(jax_side.weights()), torch_side.weights()
+    after, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
     floor = None
     if noise is not None:
         with other_kernels():
@@ -245,7 +273,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
         f"per-step loss difference: step 1 {per_step[0]:.3g}, last {per_step[-1]:.3g}"
         + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else ""),
         floor))
-    final, reference = convert.flax_to_torch(jax_side.weights()), torch_side.weights()
+    final, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
     floor = None if noise is None else weights_diff(noise.weights(), reference)
     checks.append(_named_check(cfg, f"trajectory_{len(per_step)}_steps_weights", [
         (layer_of(name), final[name], w) for name, w in reference.items()],
@@ -256,7 +284,16 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
 def run_parity(cfgs: list[dict[str, Any]], out: Path, dtype: str = "float32",
                device: str = "cpu", steps: int = 100,
                echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Check every config; write ``out/report.json`` and ``out/report.md``."""
+    """Check every config in ``dtype`` on ``device``, inside :func:`torchref.numerics.numerics`
+    (x64 for float64, TF32 off; the caller's settings come back afterwards); write
+    ``out/report.json`` and ``out/report.md``, with the settings as both frameworks report
+    them."""
+    with numerics(dtype, device):
+        return _check_all(cfgs, out, dtype, device, steps, echo)
+
+
+def _check_all(cfgs: list[dict[str, Any]], out: Path, dtype: str, device: str, steps: int,
+               echo: Callable[[str], None]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     checks: list[Check] = []
     datasets: dict[tuple, Dataset] = {}
@@ -271,14 +308,15 @@ def run_parity(cfgs: list[dict[str, Any]], out: Path, dtype: str = "float32",
             f"{c.check} {c.max_abs_diff:.3g} > {c.tolerance:g}"
             + (f" (first at {c.first_divergent_layer})" if c.first_divergent_layer else "")
             for c in bad)))
-    import jax
     import torch
 
+    read = read_numerics()  # the settings in force, as each framework reports them
+    probe = torch.zeros((), device=torch_device(device))
     report = {"dtype": dtype, "device": device, "steps": steps,
-              "devices": {"jax": str(jax.devices()[0]),
-                          "torch": torch.cuda.get_device_name() if device == "gpu" else "cpu"},
+              "devices": {"jax": read["jax"]["device"], "torch": str(probe.device) + (
+                  f" ({torch.cuda.get_device_name(probe.device)})" if probe.is_cuda else "")},
               "passed": all(c.passed for c in checks),
-              "tf32": "off" if device == "gpu" else "not applicable (CPU)",
+              "tf32": tf32_summary(read), "numerics": read,
               "machine": platform.machine(), "checks": [asdict(c) for c in checks]}
     write_json(out / "report.json", report)
     (out / "report.md").write_text(parity_markdown(report), encoding="utf-8")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jaxnets.spec import data_input_shape
 from jaxnets.summary import input_shape
 from torchref.models import build_model
 
@@ -20,7 +21,7 @@ def _num_params(module: nn.Module) -> int:
 def torch_summary(cfg: dict[str, Any]) -> dict[str, Any]:
     """The summary of the torch model ``cfg["model"]`` describes: a zeros batch of one goes
     through every step."""
-    model = build_model(cfg["model"], cfg["seed"])
+    model = build_model(cfg["model"], cfg["seed"], data_input_shape(cfg)).eval()
     outputs = model.forward_layers(torch.zeros(input_shape(cfg, "nchw")))
     layers = [{"name": name,
                "output_shape": [-1, *out.shape[1:]],

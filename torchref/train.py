@@ -18,7 +18,9 @@ from jaxnets.convert import mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, preprocess
 from jaxnets.errors import CheckpointError, ConversionError
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
+from jaxnets.spec import data_input_shape
 from torchref.models import build_model
+from torchref.numerics import read_torch_numerics
 from torchref.optim import make_optimizer
 
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}
@@ -41,14 +43,24 @@ def no_metric(outputs: torch.Tensor, targets: torch.Tensor) -> int:
 METRICS = {"accuracy": num_correct, "rounded_accuracy": num_rounded_correct, "none": no_metric}
 
 
+def gradients_finite(model: nn.Module) -> bool:
+    """Whether every parameter's gradient is free of NaN and Inf (one host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
 class Trainer:
     framework = "torch"
+    # how train_epochs' seconds are measured, for reports
+    timing = ("wall-clock seconds of the training loop, progress bar included (loss.item() "
+              "waits for every step)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nn.Module | None = None,
                  dtype: str = "float32", device: str = "cpu"):
         self.cfg = cfg
         self.dtype, self.device = getattr(torch, dtype), torch.device(device)
-        self.model = model if model is not None else build_model(cfg["model"], cfg["seed"])
+        self.model = model if model is not None else build_model(
+            cfg["model"], cfg["seed"], data_input_shape(cfg))
         self.model.to(device=self.device, dtype=self.dtype)
         self.reverse_batches = False
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
@@ -65,6 +77,14 @@ class Trainer:
     @property
     def num_train(self) -> int:
         return len(self.train_x)
+
+    def data_device(self) -> str:
+        """The device the training data lives on, as PyTorch reports it."""
+        return str(self.train_x.device)
+
+    def numerics(self) -> dict[str, Any]:
+        """PyTorch's numerics settings as PyTorch reports them now (``torchref.numerics``)."""
+        return read_torch_numerics()
 
     def train_epoch(self, epoch: int, progress: bool = True) -> EpochStats:
         return self.train_epochs(range(epoch, epoch + 1), progress)[0]
@@ -95,6 +115,8 @@ class Trainer:
                         check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
                     continue  # "skip": no update for this step
                 loss.backward()
+                if train["on_nonfinite"] == "skip" and not gradients_finite(self.model):
+                    continue  # a finite loss with a NaN/Inf gradient: no update either
                 self.optimizer.step()
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -128,18 +150,25 @@ class Trainer:
 
     def loss_and_gradients(self, x: np.ndarray, y: np.ndarray
                            ) -> tuple[float, dict[str, np.ndarray]]:
-        """The loss of one batch and its gradient for every parameter (torch names, layouts)."""
+        """The loss of one batch and its gradient for every parameter (torch names, layouts),
+        in train mode (batch statistics, the next dropout masks); the state it updates
+        (running statistics, dropout's draw counter) is put back as it was."""
+        state = {k: v.clone() for k, v in self.model.state_dict().items()
+                 if k not in dict(self.model.named_parameters())}
+        self.model.train()
         self.model.zero_grad()
         loss = self.loss_fn(self.model(self.tensor(x)), self.tensor(y))
         loss.backward()
         grads = {name: p.grad.detach().cpu().numpy().copy()
                  for name, p in self.model.named_parameters()}
         self.model.zero_grad()
+        self.model.load_state_dict(state, strict=False)
         return float(loss.detach()), grads
 
     @torch.no_grad()
     def forward_layers(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Every step's output (NCHW where 4-D), with the current parameters."""
+        """Every step's output (NCHW where 4-D), with the current parameters, in eval mode."""
+        self.model.eval()
         return [(name, out.cpu().numpy()) for name, out in
                 self.model.forward_layers(self.tensor(x))]
 
@@ -148,8 +177,12 @@ class Trainer:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the parameters (PyTorch names and layouts) and restart the optimizer."""
-        expected = self.model.state_dict()
+        """Replace the parameters and buffers (PyTorch names and layouts) and restart the
+        optimizer; buffers the arrays lack (``num_batches_tracked``, which Flax does not keep;
+        dropout's ``draws``) keep their values."""
+        params = dict(self.model.named_parameters())
+        expected = {k: v for k, v in self.model.state_dict().items()
+                    if k in params or k in arrays}
         problems = mismatches({k: tuple(v.shape) for k, v in expected.items()}, arrays)
         if problems:
             raise ConversionError(f"weights do not match {type(self.model).__name__} "

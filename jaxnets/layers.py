@@ -1,0 +1,249 @@
+"""The JAX builders of the layer vocabulary (``jaxnets.spec``): :data:`BUILDERS` maps every
+layer type to a function that makes its Flax NNX module (layers with weights or state) or its
+pure function, and :class:`Sequential` runs them in order. ``torchref.layers`` is the twin.
+
+Inputs: (batch, features) or (batch, H, W, C), NHWC as Flax expects. Train/eval mode is an
+explicit argument: ``model(x, train=True)`` uses batch statistics (and updates the running
+ones) and draws dropout masks; ``train=False`` uses the running statistics and no dropout.
+Every framework difference the vocabulary meets is one named function with a comment here, in
+``jaxnets.spec`` (padding, pool sizes) or ``jaxnets.pooling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnets.conv import conv_for
+from jaxnets.init import linear_inits
+from jaxnets.pooling import avg_pool, max_pool
+from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads
+
+
+def flax_momentum(torch_momentum: float) -> float:
+    # Framework difference: PyTorch's momentum weighs the NEW batch (0.1), Flax's the old (0.9).
+    return 1.0 - torch_momentum
+
+
+def unbiased_variance(biased: jax.Array, count: int) -> jax.Array:
+    # Framework difference: PyTorch's running_var tracks the unbiased (n - 1) batch variance,
+    # Flax's the biased one; both normalise the batch itself with the biased variance.
+    return biased * (count / max(count - 1, 1))
+
+
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+    # Framework difference: jax.nn.gelu defaults to the tanh approximation, torch to exact erf.
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def layernorm_epsilon(torch_eps: float = 1e-5) -> float:
+    # Framework difference: nnx.LayerNorm defaults to eps 1e-6, torch.nn.LayerNorm to 1e-5.
+    return torch_eps
+
+
+def flatten_chw(x: jax.Array) -> jax.Array:
+    # Framework difference: torch flattens NCHW channel-major (C, H, W); a plain reshape of
+    # NHWC would give (H, W, C), so the first Linear after a conv would see permuted inputs.
+    """(batch, H, W, C) -> (batch, C*H*W) in PyTorch's order."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    """(batch, ...) -> (batch, prod(...)): flatten_chw for images, a reshape otherwise."""
+    return flatten_chw(x) if x.ndim == 4 else x.reshape(x.shape[0], -1)
+
+
+def dropout_mask(seed: int, index: int, draw: int, shape: tuple[int, ...], rate: float,
+                 dtype: Any = np.float32) -> np.ndarray:
+    """The dropout mask both frameworks use in comparisons: kept entries 1 / (1 - rate), dropped
+    0, drawn with NumPy from (seed, the layer's depth-first index, the draw number), in
+    PyTorch's layout ``shape`` (batch, C, H, W) or (batch, features)."""
+    keep = np.random.default_rng([seed, index, int(draw)]).random(shape) >= rate
+    return (keep / (1.0 - rate)).astype(dtype)
+
+
+class DropoutDraws(nnx.Variable):
+    """How many masks a dropout layer has drawn: part of its state, checkpointed."""
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the last axis, PyTorch's conventions: ``momentum`` weighs the new batch,
+    the running variance is unbiased. x: (batch, features) or (batch, H, W, C)."""
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((features,)))
+        self.bias = nnx.Param(jnp.zeros((features,)))
+        self.mean = nnx.BatchStat(jnp.zeros((features,)))
+        self.var = nnx.BatchStat(jnp.ones((features,)))
+        self.decay, self.eps = flax_momentum(momentum), eps
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = x.mean(axes)
+            var = jnp.square(x - mean).mean(axes)
+            count = int(np.prod([x.shape[a] for a in axes]))
+            self.mean[...] = self.decay * self.mean[...] + (1 - self.decay) * mean
+            self.var[...] = (self.decay * self.var[...]
+                              + (1 - self.decay) * unbiased_variance(var, count))
+        else:
+            mean, var = self.mean[...], self.var[...]
+        return (x - mean) / jnp.sqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class Dropout(nnx.Module):
+    """Dropout whose masks are a function of (seed, layer index, draw number): ``"shared"``
+    draws them with NumPy (:func:`dropout_mask`, the masks torchref uses, so comparisons are
+    exact), ``"jax"`` with ``jax.random`` on the device (faster, other masks)."""
+
+    def __init__(self, rate: float, seed: int, index: int, masks: str = "shared"):
+        self.rate, self.seed, self.index, self.masks = rate, seed, index, masks
+        self.draws = DropoutDraws(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        draw = self.draws[...]
+        self.draws[...] = draw + 1
+        if self.masks == "jax":
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), self.index),
+                                     draw)
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+            return jnp.where(keep, x / (1.0 - self.rate), 0.0)
+        torch_shape = (x.shape[0], x.shape[-1], *x.shape[1:-1])  # NHWC -> NCHW
+        to_nhwc = (0, *range(2, x.ndim), 1)
+
+        def host_mask(d):
+            return dropout_mask(self.seed, self.index, d, torch_shape, self.rate,
+                                x.dtype).transpose(to_nhwc)
+
+        return x * jax.pure_callback(host_mask, jax.ShapeDtypeStruct(x.shape, x.dtype), draw)
+
+
+class Residual(nnx.Module):
+    """``branch(x) + x``, or ``branch(x) + projection(x)`` (a 1x1 conv / a linear) when the
+    branch changes the shape."""
+
+    def __init__(self, layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs):
+        self.branch = Sequential(layer.layers, settings, rngs=rngs)
+        self.projection = _projection(layer, settings, rngs) if layer.projection else None
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        shortcut = x if self.projection is None else self.projection(x)
+        return self.branch(x, train) + shortcut
+
+
+def _projection(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
+    c_in, c_out = layer.in_shape[0], layer.out_shape[0]
+    inits = linear_inits(settings["init"], c_in, settings["init_std"])
+    if layer.projection["kind"] == "linear":
+        return nnx.Linear(c_in, c_out, rngs=rngs, **inits)
+    stride = layer.projection["stride"]
+    return nnx.Conv(c_in, c_out, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
+                    conv_general_dilated=conv_for(settings["conv"]), rngs=rngs, **inits)
+
+
+def _linear(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Linear:
+    fan_in = layer.in_shape[0]
+    return nnx.Linear(fan_in, layer.options["out"], use_bias=layer.options["bias"], rngs=rngs,
+                      **linear_inits(settings["init"], fan_in, settings["init_std"]))
+
+
+def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Conv:
+    o, c_in = layer.options, layer.in_shape[0]
+    fan_in = c_in // o["groups"] * o["kernel"][0] * o["kernel"][1]
+    return nnx.Conv(c_in, o["out"], o["kernel"], strides=o["stride"],
+                    padding=conv_pads(layer, layer.in_shape), kernel_dilation=o["dilation"],
+                    feature_group_count=o["groups"], use_bias=o["bias"],
+                    conv_general_dilated=conv_for(settings["conv"]), rngs=rngs,
+                    **linear_inits(settings["init"], fan_in, settings["init_std"]))
+
+
+def _pool(pool: Callable, layer: Layer) -> Callable:
+    o = layer.options
+    extra = {"count_include_pad": o["count_include_pad"]} if "count_include_pad" in o else {}
+    return partial(pool, kernel=o["kernel"], stride=o["stride"], padding=o["padding"],
+                   ceil_mode=o["ceil_mode"], **extra)
+
+
+def _global_avgpool(x: jax.Array) -> jax.Array:
+    """(batch, H, W, C) -> (batch, C)."""
+    return x.mean(axis=(1, 2))
+
+
+# layer type -> (layer, settings, rngs) -> a module (STATEFUL types) or a function of x
+BUILDERS: dict[str, Callable[[Layer, dict, nnx.Rngs], Any]] = {
+    "linear": _linear,
+    "conv2d": _conv,
+    "batchnorm": lambda layer, s, rngs: BatchNorm(layer.in_shape[0], **{
+        "momentum": layer.options["momentum"], "eps": layer.options["eps"]}),
+    "layernorm": lambda layer, s, rngs: nnx.LayerNorm(
+        layer.in_shape[0], epsilon=layernorm_epsilon(layer.options["eps"]), rngs=rngs),
+    "dropout": lambda layer, s, rngs: Dropout(layer.options["rate"], s["seed"], layer.index,
+                                              s["dropout_masks"]),
+    "residual": lambda layer, s, rngs: Residual(layer, s, rngs),
+    "flatten": lambda layer, s, rngs: flatten,
+    "relu": lambda layer, s, rngs: jax.nn.relu,
+    "tanh": lambda layer, s, rngs: jnp.tanh,
+    "sigmoid": lambda layer, s, rngs: jax.nn.sigmoid,
+    "silu": lambda layer, s, rngs: jax.nn.silu,
+    "gelu": lambda layer, s, rngs: partial(gelu, approximate=layer.options["approximate"]),
+    "leaky_relu": lambda layer, s, rngs: partial(jax.nn.leaky_relu,
+                                                 negative_slope=layer.options["slope"]),
+    "softmax": lambda layer, s, rngs: partial(jax.nn.softmax, axis=-1),
+    "log_softmax": lambda layer, s, rngs: partial(jax.nn.log_softmax, axis=-1),
+    "maxpool": lambda layer, s, rngs: _pool(max_pool, layer),
+    "avgpool": lambda layer, s, rngs: _pool(avg_pool, layer),
+    "global_avgpool": lambda layer, s, rngs: _global_avgpool,
+}
+TAKES_MODE = ("batchnorm", "dropout", "residual")
+assert set(BUILDERS) == set(LAYER_KEYS)
+
+
+class Sequential(nnx.Module):
+    """The network a list of :class:`jaxnets.spec.Layer` describes. Modules are attributes
+    named as their layers (``conv1``; ``layers.0`` lives in the list ``layers``), so weights
+    convert by name. ``settings``: init, init_std, conv, seed, dropout_masks."""
+
+    def __init__(self, layers: list[Layer], settings: dict[str, Any], *, rngs: nnx.Rngs):
+        steps = []
+        for layer in layers:
+            built = BUILDERS[layer.type](layer, settings, rngs)
+            if layer.type in STATEFUL:
+                prefix, _, number = layer.name.partition(".")
+                if number:
+                    if not hasattr(self, prefix):
+                        setattr(self, prefix, nnx.List([]))
+                    getattr(self, prefix).append(built)
+                else:
+                    setattr(self, prefix, built)
+                built = None
+            steps.append((layer.name, layer.type in TAKES_MODE, built))
+        self.layer_steps = tuple(steps)
+
+    def module(self, name: str) -> nnx.Module:
+        prefix, _, number = name.partition(".")
+        return getattr(self, prefix)[int(number)] if number else getattr(self, prefix)
+
+    def steps(self) -> list[tuple[str, Callable]]:
+        """(name, module or function) in order."""
+        return [(name, self.module(name) if fn is None else fn)
+                for name, _, fn in self.layer_steps]
+
+    def forward_layers(self, x: jax.Array, train: bool = False) -> list[tuple[str, jax.Array]]:
+        """Every layer's output, in order: ``[("conv1", (batch, 28, 28, 6)), ...]``."""
+        outputs = []
+        for name, takes_mode, fn in self.layer_steps:
+            step = self.module(name) if fn is None else fn
+            x = step(x, train) if takes_mode else step(x)
+            outputs.append((name, x))
+        return outputs
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.forward_layers(x, train)[-1][1]

@@ -1,0 +1,112 @@
+"""Numerics set in one scoped place and reported as read back (jaxnets.numerics,
+torchref.numerics), and `train`/`compare` on a chosen device with the same set-up as parity."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+
+from jaxnets.cli import main
+from jaxnets.config import load_config
+
+
+@pytest.fixture
+def caller_settings():
+    """A caller whose own settings differ from jaxnets' (TF32 allowed in PyTorch, JAX's default
+    precision, x64 off); put back as found after the test."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_jax_numerics_sets_and_restores():
+    from jaxnets.numerics import jax_numerics, read_jax_numerics
+
+    before = read_jax_numerics()
+    assert before["x64"] is False and before["default_float"] == "float32"
+    with jax_numerics("float64", "cpu"):
+        inside = read_jax_numerics()
+        assert jnp.zeros(2).dtype == jnp.float64  # x64 really on, not only reported
+    assert inside["x64"] is True and inside["default_float"] == "float64"
+    assert inside["matmul_precision"] == "highest" and inside["device"] == "cpu:0"
+    assert read_jax_numerics() == before and jax.config.jax_default_matmul_precision is None
+
+
+def test_torch_numerics_sets_and_restores(caller_settings):
+    from torchref.numerics import numerics, read_numerics
+
+    threads = torch.get_num_threads()
+    with numerics("float32", "cpu", threads=1):
+        inside = read_numerics()
+    assert inside["torch"]["cuda_matmul_allow_tf32"] is False
+    assert inside["torch"]["cudnn_allow_tf32"] is False and inside["torch"]["threads"] == 1
+    after = read_numerics()["torch"]
+    assert after["cuda_matmul_allow_tf32"] and after["cudnn_allow_tf32"]
+    assert after["threads"] == threads
+
+
+def test_parity_from_python_sets_and_reports_what_it_read_back(caller_settings, tmp_path,
+                                                               monkeypatch):
+    """Called as a library (no CLI), parity runs its checks with TF32 off, reports the flags
+    as read back inside the run, and leaves the caller's settings as they were."""
+    import torchref.parity
+    from torchref.numerics import read_numerics
+
+    seen = []  # the settings while the checks run (the checks themselves are parity's tests)
+    monkeypatch.setattr(torchref.parity, "check_config",
+                        lambda *args, **kwargs: seen.append(read_numerics()) or [])
+    monkeypatch.setattr(torchref.parity, "load_dataset", lambda *args, **kwargs: None)
+    report = torchref.parity.run_parity([load_config("regression_linear")], tmp_path, steps=2,
+                                        echo=lambda _line: None)
+    assert seen == [report["numerics"]]
+    read = report["numerics"]
+    assert read["torch"]["cuda_matmul_allow_tf32"] is False
+    assert read["torch"]["cudnn_allow_tf32"] is False
+    assert read["jax"]["matmul_precision"] == "highest" and read["jax"]["x64"] is False
+    assert report["tf32"].startswith("off (read back")
+    assert report["devices"]["torch"] == "cpu"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_compare_records_devices_and_numerics_read_back(caller_settings, tmp_path):
+    """`compare --device cpu`: both sides' data on the CPU as each framework reports it, TF32
+    off in both, and how the seconds were measured."""
+    code = main(["compare", "regression_linear", "--device", "cpu", "--epochs", "2",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"]["torch"] == "cpu"
+    assert report["devices"]["jax"] == "cpu:0"
+    assert report["numerics"]["torch"]["cuda_matmul_allow_tf32"] is False
+    assert report["numerics"]["jax"]["matmul_precision"] == "highest"
+    assert "compilation timed apart" in report["timing"]["jax"]
+    assert "devices, as each framework reports them" in (tmp_path / "report.md").read_text()
+    assert torch.backends.cuda.matmul.allow_tf32  # the caller's setting is back
+
+
+def test_train_records_device_read_back(tmp_path):
+    for framework in ("jax", "torch"):
+        out = tmp_path / framework
+        assert main(["train", "regression_linear", "--framework", framework, "--device",
+                     "cpu", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["device"] == {"jax": "cpu:0", "torch": "cpu"}[framework]
+        assert "numerics" in report and report["timing"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_device_gpu_without_a_gpu_is_one_line(command, tmp_path, capsys):
+    code = main([command, "regression_linear", "--device", "gpu", "--epochs", "1",
+                 "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "sees no GPU" in lines[0], err
+    assert not (tmp_path / "report.json").exists()

@@ -209,7 +209,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write atomically: a temporary file, then a rename, so a crash never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    # reshape: np.ascontiguousarray makes a 0-d array (a dropout or BatchNorm counter) 1-d
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}, tmp)
     os.replace(tmp, path)
 
 

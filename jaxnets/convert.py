@@ -249,7 +249,8 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike,
     ``framework`` ("jax" or "torch"): whose names and layouts the arrays are in, recorded in the
     file's metadata (read back by :func:`weights_framework`)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp,
+    # reshape: np.ascontiguousarray makes a 0-d array (a dropout or BatchNorm counter) 1-d
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}, tmp,
               metadata=None if framework is None else {"framework": framework})
     os.replace(tmp, path)
 

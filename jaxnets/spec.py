@@ -59,6 +59,7 @@ class Layer:
     layers: list[Layer] = field(default_factory=list)  # a residual's branch
     projection: dict[str, Any] | None = None  # a residual's 1x1 projection: {"stride": s} / {}
     index: int = 0
+    path: str = ""  # where the config wrote it: "model.layers[4].layers[0]"
 
     def where(self) -> str:
         return f"layer {self.name!r} ({self.type})"
@@ -142,9 +143,9 @@ def parse_layers(raw: Any, where: str = "model.layers") -> list[Layer]:
                     else default
             else:
                 options[key] = _check_value(key, table[key], default, at)
-        layer = Layer(kind, name, options)
+        layer = Layer(kind, name, options, path=f"{where}[{i}]")
         if kind == "residual":
-            layer.layers = parse_layers(options.pop("layers"), f"{at}.layers")
+            layer.layers = parse_layers(options.pop("layers"), f"{where}[{i}].layers")
         layers.append(layer)
     _check_indexed_names(layers, where)
     return layers
@@ -193,7 +194,7 @@ def conv_pads(layer: Layer, shape: tuple[int, ...]) -> tuple[tuple[int, int], tu
 
 
 def _fail(layer: Layer, shape: tuple[int, ...], problem: str) -> ConfigError:
-    return ConfigError(f"model.layers[{layer.index}] {layer.where()} on input {shape}: {problem}")
+    return ConfigError(f"{layer.path} {layer.where()} on input {shape}: {problem}")
 
 
 def _out_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:

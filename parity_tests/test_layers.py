@@ -1,6 +1,6 @@
 """The layer vocabulary: both registries build every type, and every framework difference it
 meets is a named function for which the naive port differs and the named one agrees with
-PyTorch. (Flatten order after a conv: ``test_zoo.py::test_flatten_order``.)"""
+PyTorch. (Flatten order after a conv: ``test_zoo.py::test_flatten_order_matches_torch``.)"""
 
 from __future__ import annotations
 
@@ -183,3 +183,64 @@ def test_build_model_leaves_the_callers_torch_stream_alone():
     torch.manual_seed(123)
     build_model(load_config("lenet_mnist")["model"], seed=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ([{"type": "conv2d", "out": 4, "kernel": 3}, {"type": "linear", "out": 10}],
+     r"model.layers\[1\] layer 'linear_1' \(linear\) on input \(4, 26, 26\): linear needs a "
+     r"vector"),
+    ([{"type": "maxpool", "kernel": 30}], r"model.layers\[0\].*\(1, 28, 28\): pool kernel "
+                                          r"\(30, 30\) is larger than its input"),
+    ([{"type": "residual", "name": "block", "layers": [
+        {"type": "conv2d", "out": 4, "kernel": 3}, {"type": "flatten"}]},
+      {"type": "linear", "out": 10}],
+     r"model.layers\[0\] layer 'block' \(residual\) on input \(1, 28, 28\): its branch gives "
+     r"\(2704,\), and no 1x1 projection"),
+    ([{"type": "residual", "layers": [{"type": "conv2d", "out": 4, "kernel": 3,
+                                       "padding": "full"}]}],
+     r"model.layers\[0\].layers\[0\] 'conv2d_0': padding = 'full' must be"),
+    ([{"type": "conv", "out": 4}], r"unknown layer type 'conv' \(did you mean 'conv2d'\?\)"),
+    ([{"type": "linear", "out": 10, "size": 3}], r"unknown key 'size' for linear"),
+    ([{"type": "dropout", "rate": 1.0}], r"rate = 1.0 must be in \[0, 1\)"),
+    ([{"type": "flatten"}, {"type": "linear", "out": 3}],
+     r"output per example is \(3,\), but fashion_mnist has 10 classes"),
+])
+def test_bad_layer_lists_name_the_layer(layers, message):
+    from jaxnets.config import config_from_dict
+    from jaxnets.errors import ConfigError
+
+    raw = {"data": {"flatten": False}, "model": {"name": "Sequential", "layers": layers}}
+    with pytest.raises(ConfigError, match=message) as error:
+        config_from_dict(raw)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("config", "override", "message"), [
+    ("mlp_fashion", "model.in_features=100", "model.in_features = 100, but the data gives 784"),
+    ("convnet_mnist", "data.flatten=true", "conv2d needs an image"),
+    ("mlp_fashion", "model.out_features=3", "has 10 classes"),
+])
+def test_zoo_mistakes_are_one_line_errors(config, override, message):
+    from conftest import run_cli
+
+    result = run_cli("train", config, "--dataset", "fashion_mnist", "--set", override)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_conversion_rules_for_norms_both_ways():
+    from jaxnets import convert
+
+    torch_side = {"bn.weight": np.ones(3, np.float32), "bn.bias": np.zeros(3, np.float32),
+                  "bn.running_mean": np.arange(3, dtype=np.float32),
+                  "bn.running_var": np.full(3, 2.0, np.float32),
+                  "bn.num_batches_tracked": np.array(5), "ln.weight": np.ones(4, np.float32),
+                  "fc.weight": np.zeros((2, 4), np.float32)}
+    flax = convert.torch_to_flax(torch_side)
+    assert sorted(flax) == ["bn.bias", "bn.mean", "bn.scale", "bn.var", "fc.kernel",
+                            "ln.scale"]
+    assert flax["fc.kernel"].shape == (4, 2) and np.array_equal(flax["bn.var"], [2, 2, 2])
+    back = convert.flax_to_torch(flax)
+    assert sorted(back) == sorted(k for k in torch_side if "num_batches" not in k)
+    assert {r.torch_leaf for r in convert.RULES} >= {"weight", "running_mean", "running_var",
+                                                     "num_batches_tracked"}

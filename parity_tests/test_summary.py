@@ -26,6 +26,10 @@ EXPECTED_TOTALS = {
     "regression_linear": 301,
     "regression_relu": 301,
     "regression_tanh": 301,
+    # the layer-vocabulary configs, by hand in test_layers.py::test_summary_totals_by_hand
+    "vgg_bn_fashion": 27_346,
+    "resnet_gelu_fashion": 5_082,
+    "stride2_same_mnist": 3_818,
 }
 
 

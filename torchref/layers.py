@@ -9,6 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +47,9 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
-        mask = dropout_mask(self.seed, self.index, int(self.draws), tuple(x.shape), self.rate)
+        # drawn in float64 and rounded once to x's dtype, as the JAX side does
+        mask = dropout_mask(self.seed, self.index, int(self.draws), tuple(x.shape), self.rate,
+                            np.float64)
         self.draws += 1
         return x * torch.from_numpy(mask).to(device=x.device, dtype=x.dtype)
 

@@ -189,7 +189,7 @@ class Trainer:
                                   f"({len(problems)} problems): " + "; ".join(problems))
         with torch.no_grad():
             for k, v in expected.items():
-                v.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
+                v.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k]).reshape(v.shape)))
         self.optimizer = make_optimizer(self.cfg["optimizer"], self.model.parameters())
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:

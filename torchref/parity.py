@@ -10,9 +10,11 @@ names the first layer whose values differ beyond it, so a broken port points at 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,12 +146,16 @@ def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Datase
     return dataset.head(count, count)
 
 
+@contextlib.contextmanager
 def other_kernels():
     """PyTorch with oneDNN (mkldnn) off: its native CPU convolution kernels, which round
     differently. The noise trainer trains inside this context."""
     import torch
 
-    return torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():  # the flags also set oneDNN's TF32 and warn on a CPU build
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def twins(cfg, dataset, dtype, device, converter):

@@ -24,7 +24,7 @@ class EpochStats:
     seconds: float
     test_loss: float | None = None  # None: not evaluated after this epoch (eval_every)
     test_accuracy: float | None = None
-    skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite = "skip")
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient (on_nonfinite skip)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -52,13 +52,14 @@ def describe(epochs: range) -> str:
 
 def split_epochs(step_losses: np.ndarray, step_correct: np.ndarray,
                  plan: list[tuple[np.ndarray, np.ndarray | None]], seconds: float,
-                 metric: str) -> list[EpochStats]:
+                 metric: str, step_skipped: np.ndarray | None = None) -> list[EpochStats]:
     """Per-step results of consecutive epochs -> one :class:`EpochStats` per epoch.
 
     ``plan``: each epoch's ``(full, rest)`` index batches (``jaxnets.data.epoch_batches``).
     The epoch's loss and accuracy are averaged over examples (the loss over the steps whose
     loss is finite: the others were skipped); the seconds are shared out in proportion to the
-    steps.
+    steps. ``step_skipped``: which steps ``on_nonfinite = "skip"`` left without an update (a
+    non-finite loss or gradient); None: the steps whose loss is not finite.
     """
     stats, offset = [], 0
     total_steps = sum(len(full) + (rest is not None) for full, rest in plan)
@@ -67,15 +68,17 @@ def split_epochs(step_losses: np.ndarray, step_correct: np.ndarray,
         steps = len(sizes)
         losses = np.asarray(step_losses[offset:offset + steps], np.float32)
         correct = np.asarray(step_correct[offset:offset + steps])
-        offset += steps
         finite = np.isfinite(losses)
+        skipped = ~finite if step_skipped is None else np.asarray(
+            step_skipped[offset:offset + steps], bool)
+        offset += steps
         stats.append(EpochStats(
             step_losses=losses,
             loss=float(np.sum(losses[finite].astype(np.float64) * sizes[finite])
                        / sizes[finite].sum()) if finite.any() else float("nan"),
             accuracy=None if metric == "none" else float(correct.sum() / sizes.sum()),
             seconds=seconds * steps / total_steps,
-            skipped=int(np.sum(~finite)),
+            skipped=int(np.sum(skipped)),
         ))
     return stats
 

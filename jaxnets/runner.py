@@ -91,6 +91,7 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
         report["figures"] = [str(p) for p in figures(out, rows)]
     write_json(out / "report.json", report)
     if skipped:
-        echo(f"{skipped} steps skipped for a non-finite loss (train.on_nonfinite = \"skip\")")
+        echo(f"{skipped} steps skipped for a non-finite loss or gradient "
+             f"(train.on_nonfinite = \"skip\")")
     echo(f"weights: {weights}; checkpoint: {last_saved}; report: {out / 'report.json'}")
     return report

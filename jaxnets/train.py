@@ -105,21 +105,23 @@ class Trainer:
                 objective, has_aux=True)(params, other)
             updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
             new = (optax.apply_updates(params, updates), new_other, new_opt_state)
+            skipped = jnp.zeros((), bool)
             if skip_nonfinite:  # a NaN/Inf loss or gradient: every state stays as it was
                 finite = jnp.isfinite(loss_value) & jnp.all(jnp.stack(
                     [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
                 new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
                                    (params, other, opt_state))
-            return new, (loss_value, num_correct(outputs, y))
+                skipped = ~finite
+            return new, (loss_value, num_correct(outputs, y), skipped)
 
         def train_epoch(params, other, opt_state, x_all, y_all, index_batches):
             """index_batches: (num_batches, batch_size) int. Returns per-step losses/corrects."""
             def body(carry, idx):
                 return train_step(carry, (x_all[idx], y_all[idx]))
 
-            (params, other, opt_state), (losses, correct) = jax.lax.scan(
+            (params, other, opt_state), metrics = jax.lax.scan(
                 body, (params, other, opt_state), index_batches)
-            return params, other, opt_state, losses, correct
+            return params, other, opt_state, metrics
 
         def eval_batch(params, other, x, y):
             outputs = apply(params, other, x)[0]
@@ -135,15 +137,14 @@ class Trainer:
 
         def one_step(params, other, opt_state, x_all, y_all, idx):
             """One step as its own jitted call (the benchmark's ``jit_step`` mode)."""
-            (params, other, opt_state), (loss_value, correct) = train_step(
+            (params, other, opt_state), metrics = train_step(
                 (params, other, opt_state), (x_all[idx], y_all[idx]))
-            return params, other, opt_state, loss_value, correct
+            return params, other, opt_state, metrics
 
         def batch_step(params, other, opt_state, x, y):
             """One step on a batch sent from the host (the ``stream`` path)."""
-            (params, other, opt_state), (loss_value, correct) = train_step(
-                (params, other, opt_state), (x, y))
-            return params, other, opt_state, loss_value, correct
+            (params, other, opt_state), metrics = train_step((params, other, opt_state), (x, y))
+            return params, other, opt_state, metrics
 
         self._train_batch = jax.jit(batch_step)
         self._train_epoch = jax.jit(train_epoch)
@@ -184,7 +185,7 @@ class Trainer:
         compiled_before = self.compile_seconds  # compilation is timed apart, not as training
         self._bar = tqdm(total=sum(len(c) for c in chunks), desc=f"jax   {describe(epochs)}",
                          leave=False, disable=not progress)
-        losses, correct = [], []
+        losses, correct, skipped = [], [], []
         try:
             if stream:
                 steps = self._stream_steps(plan)
@@ -193,18 +194,21 @@ class Trainer:
             else:
                 steps = self._scan_steps(chunks, progress)
             with closing(steps):  # an interrupted epoch stops the prefetch thread at once
-                for step_losses, step_correct in steps:
+                for step_losses, step_correct, step_skipped in steps:
                     losses.append(step_losses)
                     correct.append(step_correct)
+                    skipped.append(step_skipped)
             losses = np.concatenate([np.asarray(x) for x in losses])  # waits for the device
             correct = np.concatenate([np.asarray(x) for x in correct])
+            skipped = np.concatenate([np.asarray(x) for x in skipped])
         finally:
             self._bar.close()
             self._bar = None
         seconds = time.perf_counter() - start - (self.compile_seconds - compiled_before)
         if self.cfg["train"]["on_nonfinite"] == "stop":
             check_finite(losses, plan, epochs, self.framework)
-        return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"])
+        return split_epochs(losses, correct, plan, seconds, self.cfg["train"]["metric"],
+                            skipped)
 
     def _scan_steps(self, chunks: list[np.ndarray], progress: bool):
         """Each chunk of index batches as one compiled scan: (losses, corrects) per chunk.
@@ -216,23 +220,22 @@ class Trainer:
             for start in range(0, len(index_batches), block or len(index_batches)):
                 part = index_batches[start:start + block] if block else index_batches
                 run = self._compiled_epoch(part.shape)
-                self.params, self.other, self.opt_state, step_losses, step_correct = run(
+                self.params, self.other, self.opt_state, metrics = run(
                     self.params, self.other, self.opt_state, self.train_x, self.train_y,
                     jnp.asarray(part, jnp.int32))
                 if progress:
                     self._bar.update(len(part))
-                    self._bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}", refresh=False)
-                yield step_losses, step_correct
+                    self._bar.set_postfix(loss=f"{float(metrics[0][-1]):.4f}", refresh=False)
+                yield metrics
 
     def _dispatch_steps(self, chunks: list[np.ndarray]):
         """Every step its own jitted call, gathering its batch from the on-device dataset."""
         for index_batches in chunks:
             for idx in jnp.asarray(index_batches, jnp.int32):
-                self.params, self.other, self.opt_state, step_loss, step_correct = (
-                    self._train_step(self.params, self.other, self.opt_state, self.train_x,
-                                     self.train_y, idx))
+                self.params, self.other, self.opt_state, metrics = self._train_step(
+                    self.params, self.other, self.opt_state, self.train_x, self.train_y, idx)
                 self._bar.update(1)
-                yield step_loss[None], step_correct[None]
+                yield tuple(m[None] for m in metrics)
 
     def _stream_steps(self, plan):
         """Every step its own jitted call on a batch gathered on the host and sent ahead."""
@@ -240,10 +243,10 @@ class Trainer:
                    for full, rest in plan for idx in (*full, *([] if rest is None else [rest])))
         with closing(prefetch(batches)) as prefetched:  # an early stop ends its thread
             for x, y in prefetched:
-                self.params, self.other, self.opt_state, step_loss, step_correct = (
-                    self._train_batch(self.params, self.other, self.opt_state, x, y))
+                self.params, self.other, self.opt_state, metrics = self._train_batch(
+                    self.params, self.other, self.opt_state, x, y)
                 self._bar.update(1)
-                yield step_loss[None], step_correct[None]
+                yield tuple(m[None] for m in metrics)
 
     def _compiled_epoch(self, shape: tuple[int, int]):
         """The epoch function compiled ahead of time for this batch shape; the compilation

@@ -98,6 +98,7 @@ def test_skip_also_skips_a_step_whose_gradient_is_not_finite(framework):
     stats = trainer.train_epoch(0, progress=False)  # one full-batch step
     assert np.isfinite(stats.step_losses).all()  # the loss itself is finite: 1 - y
     assert params() == {"w": [0.0], "b": [1.0]}, "a step with an Inf gradient updated"
+    assert stats.skipped == 1  # and it is counted as skipped, like a non-finite loss
 
 
 def test_progress_bar_advances_without_host_callbacks_in_the_compiled_epoch(monkeypatch):

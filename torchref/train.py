@@ -94,7 +94,7 @@ class Trainer:
         plan = [epoch_batches(self.num_train, train["batch_size"], self.cfg["seed"], e,
                               train["shuffle"]) for e in epochs]
         batches = [b for full, rest in plan for b in (*full, *([] if rest is None else [rest]))]
-        losses, correct = [], []
+        losses, correct, skipped = [], [], []
         self.model.train()
         start = time.perf_counter()
         with tqdm(batches, desc=f"torch {describe(epochs)}", leave=False,
@@ -110,6 +110,7 @@ class Trainer:
                 loss = self.loss_fn(outputs, y)
                 losses.append(loss.item())
                 correct.append(self.num_correct(outputs.detach(), y))
+                skipped.append(True)  # until the update below happens
                 if not np.isfinite(losses[-1]):
                     if train["on_nonfinite"] == "stop":
                         check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
@@ -118,11 +119,12 @@ class Trainer:
                 if train["on_nonfinite"] == "skip" and not gradients_finite(self.model):
                     continue  # a finite loss with a NaN/Inf gradient: no update either
                 self.optimizer.step()
+                skipped[-1] = False
                 if step % train["log_every"] == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         seconds = time.perf_counter() - start
         return split_epochs(np.asarray(losses, np.float32), np.asarray(correct), plan, seconds,
-                            train["metric"])
+                            train["metric"], np.asarray(skipped, bool))
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None

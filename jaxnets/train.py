@@ -25,6 +25,7 @@ from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
 from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
+from jaxnets.parallel import describe_mesh, replicate, replicated, shard_batch_constraint
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 from jaxnets.spec import data_input_shape, model_layers
 
@@ -51,11 +52,13 @@ class Trainer:
               "compiled code)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
         """``dtype="float64"`` needs JAX's x64 mode on while the trainer is made and used
         (``jaxnets.numerics.jax_numerics("float64")``). The data goes to JAX's default device
-        (``jax_numerics(device=...)`` chooses it)."""
+        (``jax_numerics(device=...)`` chooses it), or with a ``mesh``
+        (``jaxnets.parallel.data_mesh``) to every device of it, each batch split over them."""
         self.cfg = cfg
+        self.mesh = mesh
         self.dtype = check_dtype(dtype)
         self.model = model if model is not None else build_model(
             cfg["model"], cfg["seed"], data_input_shape(cfg))
@@ -78,6 +81,11 @@ class Trainer:
             for labels, split in ((arrays[1], "training"), (arrays[3], "test")):
                 check_label_range(labels, classes, f"{dataset.name} {split} labels")
         self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
+        if mesh is not None:  # data parallel: state and data on every device (jaxnets.parallel)
+            self.params, self.other, self.opt_state, self.train_x, self.train_y, self.test_x, \
+                self.test_y = replicate((self.params, self.other, self.opt_state, self.train_x,
+                                         self.train_y, self.test_x, self.test_y), mesh)
+        shard_batch = shard_batch_constraint(mesh)
         self._bar = None
         self._compiled: dict = {}
         self.compile_seconds = 0.0
@@ -95,7 +103,7 @@ class Trainer:
         def train_step(carry, batch):
             """(params, other, opt_state), (x, y) -> (params, other', opt_state'), metrics."""
             params, other, opt_state = carry
-            x, y = batch
+            x, y = shard_batch(batch)  # with a mesh: the global batch split over its devices
 
             def objective(p, o):  # o as an argument: NNX mutates state of its own trace only
                 outputs, new_other = apply(p, o, x, True)
@@ -158,6 +166,14 @@ class Trainer:
         """The device the training data lives on, as JAX reports it."""
         return ", ".join(sorted(str(d) for d in self.train_x.devices()))
 
+    def _index_sharding(self):
+        """Where index batches go: every device of the mesh, or JAX's default device."""
+        return None if self.mesh is None else replicated(self.mesh)
+
+    def parallel(self) -> dict[str, Any]:
+        """Devices and processes this trainer uses, for reports."""
+        return describe_mesh(self.mesh)
+
     def numerics(self) -> dict[str, Any]:
         """JAX's numerics settings as JAX reports them now (``jaxnets.numerics``)."""
         return read_jax_numerics()
@@ -218,7 +234,7 @@ class Trainer:
                 run = self._compiled_epoch(part.shape)
                 self.params, self.other, self.opt_state, step_losses, step_correct = run(
                     self.params, self.other, self.opt_state, self.train_x, self.train_y,
-                    jnp.asarray(part, jnp.int32))
+                    jax.device_put(np.asarray(part, np.int32), self._index_sharding()))
                 if progress:
                     self._bar.update(len(part))
                     self._bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}", refresh=False)
@@ -252,7 +268,7 @@ class Trainer:
         key = (shape, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
         if key not in self._compiled:
             start = time.perf_counter()
-            index = jax.ShapeDtypeStruct(shape, jnp.int32)
+            index = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._index_sharding())
             self._compiled[key] = self._train_epoch.lower(
                 self.params, self.other, self.opt_state, self.train_x, self.train_y,
                 index).compile()

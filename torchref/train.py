@@ -104,12 +104,10 @@ class Trainer:
                 # rounding): parity's measure of float32 noise
                 index = torch.from_numpy(idx[::-1].copy() if self.reverse_batches else idx
                                          ).to(self.device)
-                x, y = self.train_x[index], self.train_y[index]
                 self.optimizer.zero_grad()
-                outputs = self.model(x)
-                loss = self.loss_fn(outputs, y)
-                losses.append(loss.item())
-                correct.append(self.num_correct(outputs.detach(), y))
+                loss, loss_value, step_correct = self.batch_loss(index)
+                losses.append(loss_value)
+                correct.append(step_correct)
                 if not np.isfinite(losses[-1]):
                     if train["on_nonfinite"] == "stop":
                         check_finite(np.asarray(losses, np.float32), plan, epochs, self.framework)
@@ -123,6 +121,14 @@ class Trainer:
         seconds = time.perf_counter() - start
         return split_epochs(np.asarray(losses, np.float32), np.asarray(correct), plan, seconds,
                             train["metric"])
+
+    def batch_loss(self, index: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """One global batch's (loss to differentiate, its mean loss, correct count); the
+        data-parallel trainer (``torchref.ddp``) computes its rank's share instead."""
+        x, y = self.train_x[index], self.train_y[index]
+        outputs = self.model(x)
+        loss = self.loss_fn(outputs, y)
+        return loss, loss.item(), self.num_correct(outputs.detach(), y)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None

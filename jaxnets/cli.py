@@ -41,6 +41,9 @@ def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) 
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="where to train (default cpu); on a GPU, TF32 is off in both "
                         "frameworks, as for parity and bench")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="data parallel on N devices: JAX's SPMD mesh (on a CPU, N host "
+                        "devices), PyTorch DDP on N processes (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,11 +216,17 @@ def _train_members(members: list[dict], framework: str, dataset, out: Path,
         from torchref.numerics import torch_device
         from torchref.train import Trainer
 
+        if args.devices != 1:
+            raise ConfigError(f"--devices {args.devices} for torch: train with DDP through "
+                              f"`torchrun --nproc-per-node {args.devices} -m torchref.ddp` "
+                              f"(README, Data parallel), or compare with --devices")
         extra = {"device": torch_device(args.device)}
     else:
+        from jaxnets.parallel import data_mesh
         from jaxnets.train import Trainer
 
-        extra = {}  # JAX places the data on jax_numerics' device
+        # JAX places the data on jax_numerics' device, or on a mesh's devices
+        extra = {"mesh": data_mesh(args.devices, args.device)} if args.devices != 1 else {}
     for member_cfg in members:  # an ensemble trains differently seeded models, one by one
         member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
         trainer = Trainer(member_cfg, dataset, **extra)
@@ -238,7 +247,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from torchref.compare import compare
 
     compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet,
-            device=args.device)
+            device=args.device, devices=args.devices)
     return 0
 
 
@@ -393,6 +402,13 @@ COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "devices", 1) < 1:
+            raise ConfigError(f"--devices {args.devices}: give 1 or more")
+        if getattr(args, "devices", 1) != 1:
+            from jaxnets.parallel import request_host_devices
+
+            if args.device == "cpu":  # before JAX starts: N host devices for the mesh
+                request_host_devices(args.devices)
         return COMMANDS[args.command](args)
     except JaxnetsError as exc:
         if args.debug:

@@ -88,10 +88,17 @@ def batch_sharded(mesh) -> Any:
 
 
 def replicate(tree, mesh):
-    """Every array of ``tree`` on every device of ``mesh``."""
+    """Every array of ``tree`` on every device of ``mesh``. With several processes each one
+    gives its own copy (the same values in every process: the same seed, the same data) to
+    ``jax.make_array_from_process_local_data``, which builds the global array."""
     import jax
+    import numpy as np
 
-    return jax.device_put(tree, replicated(mesh))
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        sharding, np.asarray(a)), tree)
 
 
 def shard_batch_constraint(mesh):
@@ -124,6 +131,8 @@ def initialize_processes(coordinator: str | None = None, num_processes: int | No
     JAX also reads SLURM's or Kubernetes' own variables when all three are None)."""
     import jax
 
+    # CPU devices of different processes talk through gloo (GPUs use NCCL by themselves)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     env = os.environ
     coordinator = coordinator or env.get("JAXNETS_COORDINATOR")
     if num_processes is None and "JAXNETS_NUM_PROCESSES" in env:

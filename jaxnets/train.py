@@ -170,6 +170,12 @@ class Trainer:
         """Where index batches go: every device of the mesh, or JAX's default device."""
         return None if self.mesh is None else replicated(self.mesh)
 
+    def _put_index(self, index_batches: np.ndarray) -> jax.Array:
+        """(steps, batch) indices on the device(s), every process giving its same copy."""
+        index_batches = np.asarray(index_batches, np.int32)
+        return (jnp.asarray(index_batches) if self.mesh is None
+                else replicate(index_batches, self.mesh))
+
     def parallel(self) -> dict[str, Any]:
         """Devices and processes this trainer uses, for reports."""
         return describe_mesh(self.mesh)
@@ -234,7 +240,7 @@ class Trainer:
                 run = self._compiled_epoch(part.shape)
                 self.params, self.other, self.opt_state, step_losses, step_correct = run(
                     self.params, self.other, self.opt_state, self.train_x, self.train_y,
-                    jax.device_put(np.asarray(part, np.int32), self._index_sharding()))
+                    self._put_index(part))
                 if progress:
                     self._bar.update(len(part))
                     self._bar.set_postfix(loss=f"{float(step_losses[-1]):.4f}", refresh=False)

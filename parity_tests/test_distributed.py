@@ -165,3 +165,34 @@ def test_compare_on_two_devices_reports_each_framework_against_one_device(tmp_pa
         assert parallel[key]["step_loss"] <= 1e-5 and parallel[key]["weights"] <= 1e-4, key
     assert parallel["jax_vs_torch"]["step_loss"] <= 1e-3
     assert "## Data parallel on 2 devices" in (tmp_path / "report.md").read_text()
+
+
+def test_jax_two_processes_equal_one_process_on_two_devices(tmp_path):
+    """jax.distributed on localhost: 2 processes x 1 CPU device against 1 process x 2
+    devices, the MLP in float64 over 101 steps (measured: bit for bit)."""
+    import numpy as np
+
+    from torchref.ddp import free_port
+
+    script = str(REPO / "parity_tests" / "distributed_processes.py")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    coordinator = f"127.0.0.1:{free_port()}"
+    commands = [[sys.executable, script, str(tmp_path / "two.npz"), coordinator, "2", str(i)]
+                for i in range(2)]
+    commands.append([sys.executable, script, str(tmp_path / "one.npz"), "-", "1", "0", "2"])
+    workers = [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for c in commands]
+    try:
+        errors = [w.communicate(timeout=240)[1] for w in workers]
+    finally:
+        for w in workers:  # none left behind, whatever happened
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    assert [w.returncode for w in workers] == [0, 0, 0], [e[-1500:] for e in errors]
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert (int(two["processes"]), int(two["devices"])) == (2, 2)
+    assert (int(one["processes"]), int(one["devices"])) == (1, 2)
+    assert len(two["step_losses"]) == 101
+    for key in two.files:
+        assert np.array_equal(two[key], one[key]), key

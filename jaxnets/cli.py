@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("configs", nargs="*", metavar="CONFIG", help="default: every config")
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
+    bench.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="instead of the modes: training on 1 and on N devices per "
+                            "framework (JAX mesh, PyTorch DDP), and the scaling efficiency")
     bench.add_argument("--steps", type=int, default=100, help="training steps per timed run")
     bench.add_argument("--modes", default="jit_step,scan,stream,eager,compile",
                        help="comma-separated subset of jit_step,scan,stream (JAX), "
@@ -337,6 +340,8 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     from bench import measure, report
     from jaxnets.data import load_dataset
 
+    if args.devices != 1:
+        return _bench_devices(args)
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
           f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
@@ -348,6 +353,27 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     report.write(out, report.machine_info(args.device, peak), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
+    return 0
+
+
+def _bench_devices(args: argparse.Namespace) -> int:
+    from bench.parallel import bench_data_parallel, parallel_markdown
+    from jaxnets.data import load_dataset
+    from jaxnets.report import write_json
+
+    out = Path(args.out or "runs/bench")
+    rows = []
+    for cfg in _configs_on_images(args.configs, args.dataset):
+        rows += bench_data_parallel(cfg, load_dataset(cfg["data"]), args.devices, args.repeats,
+                                    args.steps, out, args.device)
+        for row in rows[-4:]:
+            print(f"  {row['config']:<18} {row['framework']:<5} {row['devices']} device(s) "
+                  f"{row['samples_per_s']:>10,.0f}/s  efficiency {row['scaling_efficiency']:.2f}")
+    command = " ".join(["jaxnets", *sys.argv[1:]])
+    write_json(out / "parallel.json", {"command": command, "rows": rows})
+    (out / "parallel.md").write_text(parallel_markdown(rows, command, args.device),
+                                     encoding="utf-8")
+    print(f"results: {out / 'parallel.md'}, {out / 'parallel.json'}")
     return 0
 
 

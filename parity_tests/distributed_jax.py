@@ -12,10 +12,17 @@ import sys
 from jaxnets.parallel import request_host_devices
 
 # (name, config, overrides): small enough for a loaded 2-core machine; 201 examples in batches
-# of 2 is 100 full steps and a last batch of 1, which one of two devices gets none of
+# of 2 is 100 full steps and a last batch of 1, which one of two devices gets none of; the
+# BatchNorm network needs 2 rows a batch (403 in 4s: 100 steps, then 3 rows, split 2 + 1)
+BATCHNORM_LAYERS = ('model.layers=[{type="flatten"}, {type="linear", name="fc1", out=32, '
+                    'bias=false}, {type="batchnorm", name="bn1"}, {type="relu"}, '
+                    '{type="linear", name="fc2", out=10}]')
 CASES = (("mlp", "mlp_fashion", ["model.hidden=[32, 32]"]),
-         ("cnn", "convnet_mnist", ["data.dataset=fashion_mnist"]))
+         ("cnn", "convnet_mnist", ["data.dataset=fashion_mnist"]),
+         ("bn", "vgg_bn_fashion", [BATCHNORM_LAYERS, "data.train_limit=403",
+                                   "train.batch_size=4"]))
 COMMON = ["data.train_limit=201", "train.batch_size=2", "train.epochs=1"]
+TEST_LIMIT = 256  # test examples kept: the runs only need a batch of them
 
 
 def run(cfg, dataset, dtype, mesh, steps=None):
@@ -56,9 +63,11 @@ def main(devices: int) -> None:
     for label, name, overrides in CASES:
         cfg = load_config(name, [*COMMON, *overrides])
         dataset = load_dataset(cfg["data"])
+        dataset = dataset.head(len(dataset.train_x), TEST_LIMIT)
         for dtype in ("float64", "float32"):
             with jax_numerics(dtype):
-                steps = None if dtype == "float64" else 2  # float32: one step
+                # float32: one step
+                steps = None if dtype == "float64" else cfg["train"]["batch_size"]
                 one = run(cfg, dataset, dtype, data_mesh(1), steps)
                 many = run(cfg, dataset, dtype, data_mesh(devices), steps)
                 results[f"{label}_{dtype}"] = differences(one, many)

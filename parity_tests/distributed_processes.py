@@ -25,12 +25,13 @@ def main(out: str, coordinator: str, processes: int, process_id: int, devices: i
     from jaxnets.numerics import jax_numerics
     from jaxnets.parallel import data_mesh
     from jaxnets.train import Trainer
-    from parity_tests.distributed_jax import CASES, COMMON
+    from parity_tests.distributed_jax import CASES, COMMON, TEST_LIMIT
 
     _, name, overrides = CASES[0]
     cfg = load_config(name, [*COMMON, *overrides])
     with jax_numerics("float64"):
-        trainer = Trainer(cfg, load_dataset(cfg["data"]), dtype="float64",
+        dataset = load_dataset(cfg["data"])
+        trainer = Trainer(cfg, dataset.head(len(dataset.train_x), TEST_LIMIT), dtype="float64",
                           mesh=data_mesh(len(jax.devices())))
         stats = trainer.train_epochs(range(1), progress=False)
         weights = trainer.weights()

@@ -36,16 +36,16 @@ def test_one_device_mesh_equals_plain_jit_bit_for_bit(jax_two_devices):
     assert diff["step_loss"] == diff["weights"] == diff["final_loss"] == 0.0, diff
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "bn"])
 def test_jax_two_devices_equal_one_float64_100_steps(jax_two_devices, model):
     # 201 examples in batches of 2: 100 full steps, and a last batch of one example that
     # only one of the two devices holds (odd-sized last batch: the one-device result)
     diff = jax_two_devices[f"{model}_float64"]
-    assert diff["steps"] == 101
+    assert diff["steps"] == 101  # bn: 100 steps of 4, then 3
     assert max(diff["step_loss"], diff["weights"], diff["final_loss"]) <= FLOAT64_BOUND, diff
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "bn"])
 def test_jax_two_devices_equal_one_float32_one_step(jax_two_devices, model):
     diff = jax_two_devices[f"{model}_float32"]
     assert diff["steps"] == 1
@@ -62,23 +62,23 @@ def torch_two_processes(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "bn"])
 def test_ddp_two_processes_equal_one_float64_100_steps(torch_two_processes, model):
     # measured: ~4e-16 (losses), ~7e-17 (weights); the last batch of one example leaves
     # rank 1 without rows
     diff = torch_two_processes[f"{model}_float64"]
-    assert diff["steps"] == 101
+    assert diff["steps"] == 101  # bn: SyncBatchNorm, statistics over the global batch
     assert max(diff["step_loss"], diff["weights"]) <= FLOAT64_BOUND, diff
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "bn"])
 def test_ddp_two_processes_equal_one_float32_one_step(torch_two_processes, model):
     diff = torch_two_processes[f"{model}_float32"]  # measured ~1e-7 (loss), ~1.5e-8 (weights)
     assert diff["steps"] == 1
     assert max(diff["step_loss"], diff["weights"]) <= FLOAT32_BOUND, diff
 
 
-@pytest.mark.parametrize("case", ["mlp_float64", "cnn_float64", "mlp_float32"])
+@pytest.mark.parametrize("case", ["mlp_float64", "cnn_float64", "bn_float64"])
 def test_ddp_ranks_hold_identical_parameters_after_every_step(torch_two_processes, case):
     assert torch_two_processes[case]["rank_param_max_diff"] == 0.0
 

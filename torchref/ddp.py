@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from jaxnets.errors import TrainingError
+from torchref.optim import make_optimizer
 from torchref.train import Trainer
 
 # torchrun's contract; the worker reads nothing else from its environment
@@ -48,6 +49,10 @@ class DistributedTrainer(Trainer):
                  device: str = "cpu", check_ranks: bool = False):
         super().__init__(cfg, dataset, dtype=dtype, device=device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # BatchNorm's batch statistics over the global batch: SyncBatchNorm all-reduces each
+        # layer's sums (and counts, so a rank with fewer or no rows weighs what it holds)
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.ddp = DistributedDataParallel(self.model)  # broadcasts rank 0's parameters
         self.check_ranks, self.rank_param_max_diff, self.global_losses = check_ranks, 0.0, []
 
@@ -94,10 +99,11 @@ def free_port() -> int:
 
 
 def launch(config: dict[str, Any], out: Path, processes: int, dtype: str = "float32",
-           initial: Path | None = None, timeout: float = 600.0, check_ranks: bool = False
-           ) -> dict[str, Any]:
+           initial: Path | None = None, timeout: float = 600.0, check_ranks: bool = False,
+           test_limit: int | None = None) -> dict[str, Any]:
     """Train ``config`` with DDP on ``processes`` local worker processes (torchrun's
-    environment, one thread each); returns rank 0's ``result.json`` with the weights from
+    environment, one thread each; ``test_limit``: evaluate on the first test examples only);
+    returns rank 0's ``result.json`` with the weights from
     ``out/weights_ddp.npz``. A worker that fails, or a run past ``timeout`` seconds, stops
     every worker and raises one :class:`TrainingError` line."""
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,8 @@ def launch(config: dict[str, Any], out: Path, processes: int, dtype: str = "floa
     port = free_port()
     command = [sys.executable, "-m", "torchref.ddp", str(out / "config.json"), str(out),
                "--dtype", dtype, *(["--initial", str(initial)] if initial else []),
-               *(["--check-ranks"] if check_ranks else [])]
+               *(["--check-ranks"] if check_ranks else []),
+               *(["--test-limit", str(test_limit)] if test_limit else [])]
     workers, logs = [], []
     for rank in range(processes):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -160,6 +167,7 @@ def worker(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--initial", help="initial weights (safetensors, torch names)")
     parser.add_argument("--check-ranks", action="store_true")
+    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test examples")
     args = parser.parse_args(argv)
     missing = [name for name in ENV_CONTRACT if name not in os.environ]
     if missing:
@@ -176,7 +184,10 @@ def worker(argv: list[str] | None = None) -> None:
     try:
         cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
         with torch_numerics("gpu" if cuda else "cpu", threads=1):  # re-applied in each worker
-            trainer = DistributedTrainer(cfg, load_dataset(cfg["data"]), args.dtype,
+            dataset = load_dataset(cfg["data"])
+            if args.test_limit:
+                dataset = dataset.head(len(dataset.train_x), args.test_limit)
+            trainer = DistributedTrainer(cfg, dataset, args.dtype,
                                          "cuda" if cuda else "cpu", args.check_ranks)
             if args.initial:
                 trainer.load_weights(read_safetensors(args.initial))
@@ -193,7 +204,8 @@ def worker(argv: list[str] | None = None) -> None:
                 "threads_per_process": 1, "step_losses": trainer.global_losses,
                 "epoch_train_loss": [s.as_dict()["train_loss"] for s in stats],
                 "test_loss": test_loss, "test_accuracy": test_accuracy,
-                "train_seconds": seconds, "rank_param_max_diff": trainer.rank_param_max_diff,
+                "train_seconds": seconds, "epoch_seconds": [s.seconds for s in stats],
+                "rank_param_max_diff": trainer.rank_param_max_diff,
             }), encoding="utf-8")
     finally:
         dist.destroy_process_group()

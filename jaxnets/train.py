@@ -328,6 +328,13 @@ class Trainer:
         load_flax_params(self.model, arrays)
         _, self.params, self.other = nnx.split(self.model, nnx.Param, ...)
         self.opt_state = self.optimizer.init(self.params)
+        self._replicate_state()
+
+    def _replicate_state(self) -> None:
+        """With a mesh: parameters, other state and optimizer state on every device of it."""
+        if self.mesh is not None:
+            self.params, self.other, self.opt_state = replicate(
+                (self.params, self.other, self.opt_state), self.mesh)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         """The Optax state as named arrays (the pytree paths), for a checkpoint."""
@@ -346,3 +353,4 @@ class Trainer:
                                   f"({len(problems)} problems): " + "; ".join(problems[:5]))
         self.opt_state = jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(optimizer[k], dtype=v.dtype) for k, v in expected.items()])
+        self._replicate_state()

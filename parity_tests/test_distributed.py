@@ -28,6 +28,7 @@ def jax_two_devices():
                            "2"], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=420)
     assert done.returncode == 0, done.stderr[-2000:]
+    print(done.stdout.strip().splitlines()[-1])  # the figures, shown with pytest -s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -59,6 +60,7 @@ def torch_two_processes(tmp_path_factory):
                            str(tmp_path_factory.mktemp("ddp"))], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=420)
     assert done.returncode == 0, done.stderr[-2000:]
+    print(done.stdout.strip().splitlines()[-1])  # the figures, shown with pytest -s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

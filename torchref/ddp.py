@@ -158,6 +158,20 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
+def _exit_with_parent() -> None:
+    """A worker whose launcher dies (killed by a signal, say) ends too: no orphans."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def worker(argv: list[str] | None = None) -> None:
     """One rank: joins the process group from torchrun's environment, trains, and rank 0
     writes ``result.json`` and ``weights_ddp.npz`` into OUT_DIR."""
@@ -173,6 +187,7 @@ def worker(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"torchref.ddp: missing {', '.join(missing)} (start it with torchrun "
                          f"or torchref.ddp.launch)")
+    _exit_with_parent()
     from jaxnets.convert import read_safetensors
     from jaxnets.data import load_dataset
     from torchref.numerics import torch_numerics

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -81,6 +82,11 @@ class Trainer:
     def data_device(self) -> str:
         """The device the training data lives on, as PyTorch reports it."""
         return str(self.train_x.device)
+
+    def parallel(self) -> dict[str, Any]:
+        """Devices and processes this trainer uses, for reports (``torchref.ddp``: N)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return {"devices": world, "processes": world}
 
     def numerics(self) -> dict[str, Any]:
         """PyTorch's numerics settings as PyTorch reports them now (``torchref.numerics``)."""

@@ -50,9 +50,15 @@ class DistributedTrainer(Trainer):
         super().__init__(cfg, dataset, dtype=dtype, device=device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # BatchNorm's batch statistics over the global batch: SyncBatchNorm all-reduces each
-        # layer's sums (and counts, so a rank with fewer or no rows weighs what it holds)
-        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
+        # layer's sums and counts; PyTorch runs it on GPUs only, so a CPU run refuses BatchNorm
+        # rather than train on per-rank statistics that differ from one device's
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            if self.device.type != "cuda":
+                raise TrainingError("BatchNorm under DDP needs SyncBatchNorm, which PyTorch "
+                                    "runs on GPUs only: train this network with --devices 1 "
+                                    "on a CPU")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.ddp = DistributedDataParallel(self.model)  # broadcasts rank 0's parameters
         self.check_ranks, self.rank_param_max_diff, self.global_losses = check_ranks, 0.0, []
 

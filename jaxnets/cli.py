@@ -41,6 +41,9 @@ def _add_run_options(p: argparse.ArgumentParser, config_optional: bool = False) 
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="where to train (default cpu); on a GPU, TF32 is off in both "
                         "frameworks, as for parity and bench")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="data parallel on N devices: JAX's SPMD mesh (on a CPU, N host "
+                        "devices), PyTorch DDP on N processes (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("configs", nargs="*", metavar="CONFIG", help="default: every config")
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after a warm-up")
+    bench.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="instead of the modes: training on 1 and on N devices per "
+                            "framework (JAX mesh, PyTorch DDP), and the scaling efficiency")
     bench.add_argument("--steps", type=int, default=100, help="training steps per timed run")
     bench.add_argument("--modes", default="jit_step,scan,stream,eager,compile",
                        help="comma-separated subset of jit_step,scan,stream (JAX), "
@@ -247,11 +253,17 @@ def _train_members(members: list[dict], framework: str, dataset, out: Path,
         from torchref.numerics import torch_device
         from torchref.train import Trainer
 
+        if args.devices != 1:
+            raise ConfigError(f"--devices {args.devices} for torch: train with DDP through "
+                              f"`torchrun --nproc-per-node {args.devices} -m torchref.ddp` "
+                              f"(README, Data parallel), or compare with --devices")
         extra = {"device": torch_device(args.device)}
     else:
+        from jaxnets.parallel import data_mesh
         from jaxnets.train import Trainer
 
-        extra = {}  # JAX places the data on jax_numerics' device
+        # JAX places the data on jax_numerics' device, or on a mesh's devices
+        extra = {"mesh": data_mesh(args.devices, args.device)} if args.devices != 1 else {}
     for member_cfg in members:  # an ensemble trains differently seeded models, one by one
         member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
         trainer = Trainer(member_cfg, dataset, **extra)
@@ -272,7 +284,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from torchref.compare import compare
 
     compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet,
-            device=args.device)
+            device=args.device, devices=args.devices)
     return 0
 
 
@@ -370,6 +382,8 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     from bench import measure, report, timing
     from jaxnets.data import load_dataset
 
+    if args.devices != 1:
+        return _bench_devices(args)
     threads = timing.set_threads()
     print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
     peak = measure.matmul_peak(args.repeats, args.device)
@@ -385,6 +399,27 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     report.write(out, report.machine_info(args.device, peak, threads), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
+    return 0
+
+
+def _bench_devices(args: argparse.Namespace) -> int:
+    from bench.parallel import bench_data_parallel, parallel_markdown
+    from jaxnets.data import load_dataset
+    from jaxnets.report import write_json
+
+    out = Path(args.out or "runs/bench")
+    rows = []
+    for cfg in _configs_on_images(args.configs, args.dataset):
+        rows += bench_data_parallel(cfg, load_dataset(cfg["data"]), args.devices, args.repeats,
+                                    args.steps, out, args.device)
+        for row in rows[-4:]:
+            print(f"  {row['config']:<18} {row['framework']:<5} {row['devices']} device(s) "
+                  f"{row['samples_per_s']:>10,.0f}/s  efficiency {row['scaling_efficiency']:.2f}")
+    command = " ".join(["jaxnets", *sys.argv[1:]])
+    write_json(out / "parallel.json", {"command": command, "rows": rows})
+    (out / "parallel.md").write_text(parallel_markdown(rows, command, args.device),
+                                     encoding="utf-8")
+    print(f"results: {out / 'parallel.md'}, {out / 'parallel.json'}")
     return 0
 
 
@@ -447,6 +482,13 @@ COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "devices", 1) < 1:
+            raise ConfigError(f"--devices {args.devices}: give 1 or more")
+        if getattr(args, "devices", 1) != 1:
+            from jaxnets.parallel import request_host_devices
+
+            if args.device == "cpu":  # before JAX starts: N host devices for the mesh
+                request_host_devices(args.devices)
         return COMMANDS[args.command](args)
     except JaxnetsError as exc:
         if args.debug:

@@ -30,7 +30,7 @@ def jax_device(device: str) -> jax.Device:
     if device not in DEVICES:
         raise JaxnetsError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     try:
-        return jax.devices(device)[0]
+        return jax.local_devices(backend=device)[0]  # this process's, with several
     except RuntimeError:
         raise JaxnetsError(f"--device {device}: JAX sees no {device.upper()} here (install "
                            f"jax[cuda12] on a machine with one)") from None

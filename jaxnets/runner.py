@@ -86,6 +86,7 @@ def fit(trainer, cfg: dict[str, Any], out: Path, progress: bool = True,
               "weights": str(weights), "checkpoint": str(last_saved),
               # as the framework reports them, not as asked for
               "device": trainer.data_device(), "numerics": trainer.numerics(),
+              "parallel": trainer.parallel(),  # devices and processes
               "timing": trainer.timing}
     if figures is not None:
         report["figures"] = [str(p) for p in figures(out, rows)]

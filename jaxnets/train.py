@@ -25,6 +25,7 @@ from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
 from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
+from jaxnets.parallel import describe_mesh, replicate, replicated, shard_batch_constraint
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 from jaxnets.spec import data_input_shape, model_layers
 
@@ -51,11 +52,13 @@ class Trainer:
               "compiled code)")
 
     def __init__(self, cfg: dict[str, Any], dataset: Dataset, model: nnx.Module | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
         """``dtype="float64"`` needs JAX's x64 mode on while the trainer is made and used
         (``jaxnets.numerics.jax_numerics("float64")``). The data goes to JAX's default device
-        (``jax_numerics(device=...)`` chooses it)."""
+        (``jax_numerics(device=...)`` chooses it), or with a ``mesh``
+        (``jaxnets.parallel.data_mesh``) to every device of it, each batch split over them."""
         self.cfg = cfg
+        self.mesh = mesh
         self.dtype = check_dtype(dtype)
         self.model = model if model is not None else build_model(
             cfg["model"], cfg["seed"], data_input_shape(cfg))
@@ -78,6 +81,11 @@ class Trainer:
             for labels, split in ((arrays[1], "training"), (arrays[3], "test")):
                 check_label_range(labels, classes, f"{dataset.name} {split} labels")
         self.train_x, self.train_y, self.test_x, self.test_y = jax.device_put(arrays)
+        if mesh is not None:  # data parallel: state and data on every device (jaxnets.parallel)
+            self.params, self.other, self.opt_state, self.train_x, self.train_y, self.test_x, \
+                self.test_y = replicate((self.params, self.other, self.opt_state, self.train_x,
+                                         self.train_y, self.test_x, self.test_y), mesh)
+        shard_batch = shard_batch_constraint(mesh)
         self._bar = None
         self._compiled: dict = {}
         self.compile_seconds = 0.0
@@ -95,7 +103,7 @@ class Trainer:
         def train_step(carry, batch):
             """(params, other, opt_state), (x, y) -> (params, other', opt_state'), metrics."""
             params, other, opt_state = carry
-            x, y = batch
+            x, y = shard_batch(batch)  # with a mesh: the global batch split over its devices
 
             def objective(p, o):  # o as an argument: NNX mutates state of its own trace only
                 outputs, new_other = apply(p, o, x, True)
@@ -158,6 +166,20 @@ class Trainer:
     def data_device(self) -> str:
         """The device the training data lives on, as JAX reports it."""
         return ", ".join(sorted(str(d) for d in self.train_x.devices()))
+
+    def _index_sharding(self):
+        """Where index batches go: every device of the mesh, or JAX's default device."""
+        return None if self.mesh is None else replicated(self.mesh)
+
+    def _put_index(self, index_batches: np.ndarray) -> jax.Array:
+        """(steps, batch) indices on the device(s), every process giving its same copy."""
+        index_batches = np.asarray(index_batches, np.int32)
+        return (jnp.asarray(index_batches) if self.mesh is None
+                else replicate(index_batches, self.mesh))
+
+    def parallel(self) -> dict[str, Any]:
+        """Devices and processes this trainer uses, for reports."""
+        return describe_mesh(self.mesh)
 
     def numerics(self) -> dict[str, Any]:
         """JAX's numerics settings as JAX reports them now (``jaxnets.numerics``)."""
@@ -222,7 +244,7 @@ class Trainer:
                 run = self._compiled_epoch(part.shape)
                 self.params, self.other, self.opt_state, metrics = run(
                     self.params, self.other, self.opt_state, self.train_x, self.train_y,
-                    jnp.asarray(part, jnp.int32))
+                    self._put_index(part))
                 if progress:
                     self._bar.update(len(part))
                     self._bar.set_postfix(loss=f"{float(metrics[0][-1]):.4f}", refresh=False)
@@ -255,7 +277,7 @@ class Trainer:
         key = (shape, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
         if key not in self._compiled:
             start = time.perf_counter()
-            index = jax.ShapeDtypeStruct(shape, jnp.int32)
+            index = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._index_sharding())
             self._compiled[key] = self._train_epoch.lower(
                 self.params, self.other, self.opt_state, self.train_x, self.train_y,
                 index).compile()
@@ -309,6 +331,13 @@ class Trainer:
         load_flax_params(self.model, arrays)
         _, self.params, self.other = nnx.split(self.model, nnx.Param, ...)
         self.opt_state = self.optimizer.init(self.params)
+        self._replicate_state()
+
+    def _replicate_state(self) -> None:
+        """With a mesh: parameters, other state and optimizer state on every device of it."""
+        if self.mesh is not None:
+            self.params, self.other, self.opt_state = replicate(
+                (self.params, self.other, self.opt_state), self.mesh)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         """The Optax state as named arrays (the pytree paths), for a checkpoint."""
@@ -327,3 +356,4 @@ class Trainer:
                                   f"({len(problems)} problems): " + "; ".join(problems[:5]))
         self.opt_state = jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(optimizer[k], dtype=v.dtype) for k, v in expected.items()])
+        self._replicate_state()

@@ -71,7 +71,7 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
     init_diff = max_abs_diff(torch_side.weights(), convert.flax_to_torch(jax_side.weights()))
 
     echo(compare_header())
-    epochs, first_step = [], None
+    epochs, first_step, step_losses = [], None, []
     for block in eval_blocks(cfg["train"]["epochs"], cfg["train"]["eval_every"]):
         jax_stats = jax_side.train_epochs(block, progress)
         torch_stats = torch_side.train_epochs(block, progress)
@@ -82,6 +82,7 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
                           "torch": float(torch_stats[0].step_losses[0])}
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as log:
             for epoch, j, t in zip(block, jax_stats, torch_stats, strict=True):
+                step_losses.append({"jax_steps": j.step_losses, "torch_steps": t.step_losses})
                 step_diff = float(np.max(np.abs(j.step_losses - t.step_losses)))
                 epochs.append({"epoch": epoch + 1, "jax": j.as_dict(), "torch": t.as_dict(),
                                "step_loss_max_abs_diff": step_diff})
@@ -112,20 +113,25 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
                 torch_side.weights(), convert.flax_to_torch(jax_side.weights())),
         },
         "test_outputs": {"jax": jax_out, "torch": torch_out},
+        "step_losses": {"jax": np.concatenate([e["jax_steps"] for e in step_losses]),
+                        "torch": np.concatenate([e["torch_steps"] for e in step_losses])},
         "trainers": {"jax": jax_side, "torch": torch_side},
     }
 
 
 def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
-            echo: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
+            echo: Callable[[str], None] = print, device: str = "cpu",
+            devices: int = 1) -> dict[str, Any]:
     """Train ``cfg`` in both frameworks side by side on ``device`` ("cpu" or "gpu", float32,
-    TF32 off: :func:`torchref.numerics.numerics`); write ``out/report.json`` and ``.md``."""
-    with numerics("float32", device):
-        return _compare(cfg, out, progress, echo, device)
+    TF32 off: :func:`torchref.numerics.numerics`); write ``out/report.json`` and ``.md``.
+    ``devices`` > 1: then also data-parallel on that many devices in both frameworks
+    (:mod:`torchref.parallel_compare`), with one PyTorch thread per process throughout."""
+    with numerics("float32", device, threads=1 if devices > 1 else None):
+        return _compare(cfg, out, progress, echo, device, devices)
 
 
 def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str], None],
-             device: str) -> dict[str, Any]:
+             device: str, devices: int = 1) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("", encoding="utf-8")  # appended to, epoch by epoch
     dataset = load_dataset(cfg["data"])
@@ -157,6 +163,7 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
         # as each framework reports them: where the training data lives, and the settings
         "devices": {fw: t.data_device() for fw, t in first["trainers"].items()},
         "numerics": read_numerics(),
+        "processes": {"jax": jax.process_count(), "torch": 1},  # the side-by-side run
         "timing": {fw: t.timing for fw, t in first["trainers"].items()},
         "initial_weights_max_abs_diff": max(m["initial_weights_max_abs_diff"] for m in members),
         "first_step_loss": first["first_step_loss"],
@@ -186,8 +193,20 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
         out, cfg, dataset, {fw: [{"epoch": e["epoch"], **e[fw]} for e in first["epochs"]]
                             for fw in ("jax", "torch")},
         {fw: [m["trainers"][fw].predict for m in members] for fw in ("jax", "torch")})]
+    markdown = compare_markdown(report)
+    if devices > 1:
+        from torchref.parallel_compare import data_parallel, parallel_markdown
+
+        echo(f"data parallel on {devices} devices: jax (one process) and torch DDP "
+             f"({devices} processes)")
+        report["parallel"] = data_parallel(cfg, dataset, out, devices, first, device)
+        markdown += parallel_markdown(report["parallel"])
+        for key in ("jax_vs_one_device", "torch_vs_one_device", "jax_vs_torch"):
+            diff = report["parallel"][key]
+            echo(f"  {key.replace('_', ' ')}: per-step loss {diff['step_loss']:.3g}, "
+                 f"weights {diff['weights']:.3g} (max-abs)")
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(compare_markdown(report), encoding="utf-8")
+    (out / "report.md").write_text(markdown, encoding="utf-8")
     final = report["final"]
     if final["jax_test_accuracy"] is not None:
         echo(f"final test accuracy: jax {100 * final['jax_test_accuracy']:.2f} %, torch "

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -82,6 +83,11 @@ class Trainer:
         """The device the training data lives on, as PyTorch reports it."""
         return str(self.train_x.device)
 
+    def parallel(self) -> dict[str, Any]:
+        """Devices and processes this trainer uses, for reports (``torchref.ddp``: N)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return {"devices": world, "processes": world}
+
     def numerics(self) -> dict[str, Any]:
         """PyTorch's numerics settings as PyTorch reports them now (``torchref.numerics``)."""
         return read_torch_numerics()
@@ -104,12 +110,10 @@ class Trainer:
                 # rounding): parity's measure of float32 noise
                 index = torch.from_numpy(idx[::-1].copy() if self.reverse_batches else idx
                                          ).to(self.device)
-                x, y = self.train_x[index], self.train_y[index]
                 self.optimizer.zero_grad()
-                outputs = self.model(x)
-                loss = self.loss_fn(outputs, y)
-                losses.append(loss.item())
-                correct.append(self.num_correct(outputs.detach(), y))
+                loss, loss_value, step_correct = self.batch_loss(index)
+                losses.append(loss_value)
+                correct.append(step_correct)
                 skipped.append(True)  # until the update below happens
                 if not np.isfinite(losses[-1]):
                     if train["on_nonfinite"] == "stop":
@@ -125,6 +129,14 @@ class Trainer:
         seconds = time.perf_counter() - start
         return split_epochs(np.asarray(losses, np.float32), np.asarray(correct), plan, seconds,
                             train["metric"], np.asarray(skipped, bool))
+
+    def batch_loss(self, index: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """One global batch's (loss to differentiate, its mean loss, correct count); the
+        data-parallel trainer (``torchref.ddp``) computes its rank's share instead."""
+        x, y = self.train_x[index], self.train_y[index]
+        outputs = self.model(x)
+        loss = self.loss_fn(outputs, y)
+        return loss, loss.item(), self.num_correct(outputs.detach(), y)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None

@@ -119,11 +119,13 @@ class Dropout(nnx.Module):
         torch_shape = (x.shape[0], x.shape[-1], *x.shape[1:-1])  # NHWC -> NCHW
         to_nhwc = (0, *range(2, x.ndim), 1)
 
-        def host_mask(d):
+        def host_keep(d):  # a boolean mask: the callback's thread may not share x64 mode
             return dropout_mask(self.seed, self.index, d, torch_shape, self.rate,
-                                x.dtype).transpose(to_nhwc)
+                                np.float64).transpose(to_nhwc) > 0
 
-        return x * jax.pure_callback(host_mask, jax.ShapeDtypeStruct(x.shape, x.dtype), draw)
+        keep = jax.pure_callback(host_keep, jax.ShapeDtypeStruct(x.shape, jnp.bool_), draw)
+        # 1 / (1 - rate) rounded once to x's dtype, as dropout_mask's values are
+        return x * jnp.where(keep, jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), 0)
 
 
 class Residual(nnx.Module):

@@ -57,18 +57,22 @@ def load_factory(spec: str, option: str) -> Callable:
     return factory
 
 
+def _built(factory: Callable, spec: str, option: str, expected: type, kind: str, **kwargs):
+    """The model ``factory`` (named ``spec``) returns when called with ``kwargs``, checked to be
+    ``expected``; a factory that raises or returns something else is one line."""
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise JaxnetsError(f"{option} {spec}: the factory raised {_first_line(exc)}") from None
+    if not isinstance(model, expected):
+        raise ConfigError(f"{option} {spec}: returned {type(model).__name__}, not a {kind}")
+    return model
+
+
 def build_torch(spec: str):
     from torch import nn
 
-    factory = load_factory(spec, "--torch")
-    try:
-        model = factory()
-    except Exception as exc:
-        raise JaxnetsError(f"--torch {spec}: the factory raised {_first_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"--torch {spec}: returned {type(model).__name__}, not a "
-                          f"torch.nn.Module")
-    return model
+    return _built(load_factory(spec, "--torch"), spec, "--torch", nn.Module, "torch.nn.Module")
 
 
 def build_flax(spec: str, seed: int):
@@ -80,14 +84,8 @@ def build_flax(spec: str, seed: int):
         takes_rngs = "rngs" in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         takes_rngs = False
-    try:
-        model = factory(rngs=nnx.Rngs(seed)) if takes_rngs else factory()
-    except Exception as exc:
-        raise JaxnetsError(f"--flax {spec}: the factory raised {_first_line(exc)}") from None
-    if not isinstance(model, nnx.Module):
-        raise ConfigError(f"--flax {spec}: returned {type(model).__name__}, not a flax.nnx "
-                          f"Module")
-    return model
+    return _built(factory, spec, "--flax", nnx.Module, "flax.nnx Module",
+                  **({"rngs": nnx.Rngs(seed)} if takes_rngs else {}))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

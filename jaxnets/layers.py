@@ -23,7 +23,7 @@ from flax import nnx
 from jaxnets.conv import conv_for
 from jaxnets.init import linear_inits
 from jaxnets.pooling import avg_pool, max_pool
-from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads
+from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pool_options
 
 
 def flax_momentum(torch_momentum: float) -> float:
@@ -168,10 +168,7 @@ def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Conv:
 
 
 def _pool(pool: Callable, layer: Layer) -> Callable:
-    o = layer.options
-    extra = {"count_include_pad": o["count_include_pad"]} if "count_include_pad" in o else {}
-    return partial(pool, kernel=o["kernel"], stride=o["stride"], padding=o["padding"],
-                   ceil_mode=o["ceil_mode"], **extra)
+    return partial(pool, **pool_options(layer))
 
 
 def _global_avgpool(x: jax.Array) -> jax.Array:

@@ -182,6 +182,13 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
     return out
 
 
+def pool_options(layer: Layer) -> dict[str, Any]:
+    """A maxpool/avgpool layer's options as both frameworks' pools take them (``kernel``,
+    ``stride``, ``padding``, ``ceil_mode``, and ``count_include_pad`` for avgpool)."""
+    keys = ("kernel", "stride", "padding", "ceil_mode", "count_include_pad")
+    return {key: layer.options[key] for key in keys if key in layer.options}
+
+
 def conv_pads(layer: Layer, shape: tuple[int, ...]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Explicit ((top, bottom), (left, right)) padding of a conv2d on a (C, H, W) input."""
     o = layer.options

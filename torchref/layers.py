@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jaxnets.layers import dropout_mask
-from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads
+from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pool_options
 
 
 class Conv2d(nn.Conv2d):
@@ -86,10 +86,8 @@ def _batchnorm(layer: Layer, settings: dict[str, Any]) -> nn.Module:
 
 
 def _pool(layer: Layer, pool: Callable) -> Callable:
-    o = layer.options
-    extra = {"count_include_pad": o["count_include_pad"]} if "count_include_pad" in o else {}
-    return partial(pool, kernel_size=o["kernel"], stride=o["stride"], padding=o["padding"],
-                   ceil_mode=o["ceil_mode"], **extra)
+    options = pool_options(layer)
+    return partial(pool, kernel_size=options.pop("kernel"), **options)
 
 
 def flatten(x: torch.Tensor) -> torch.Tensor:

@@ -150,8 +150,12 @@ def test_short_compare_runs_for_every_config(name, fashion, tmp_path):
     overrides = (["train.epochs=20", "train.eval_every=10", "train.ensemble=2"] if toy else
                  ["train.epochs=1", "data.train_limit=300", 'data.dataset="fashion_mnist"'])
     cfg = load_config(name, overrides)
-    report = compare(cfg, tmp_path, progress=False, echo=lambda _line: None)
+    printed = []
+    report = compare(cfg, tmp_path, progress=False, echo=printed.append)
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file()
+    # the source's figure is printed beside the result, and no empty line for a config without
+    source_lines = [line for line in printed if line.startswith("source's reported result")]
+    assert len(source_lines) == (1 if cfg["reported_result"] else 0), source_lines
     assert report["initial_weights_max_abs_diff"] == 0.0
     first = report["first_step_loss"]
     assert abs(first["jax"] - first["torch"]) <= 1e-5, first

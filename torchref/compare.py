@@ -220,7 +220,8 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
         echo(f"ensemble of {size}: mean test loss jax {ens['jax_test_loss_mean']:.6f}, torch "
              f"{ens['torch_test_loss_mean']:.6f}; ensemble-mean prediction max-abs diff "
              f"{ens['prediction_mean_max_abs_diff']:.3g}")
-    echo(f"source's reported result ({cfg['source']}): {cfg['reported_result']}")
+    if cfg["reported_result"]:  # a user's own config has no source to compare with
+        echo(f"source's reported result ({cfg['source']}): {cfg['reported_result']}")
     echo(f"report: {out / 'report.md'} and {out / 'report.json'}; pictures: "
          + ", ".join(Path(p).name for p in report["figures"]))
     return report

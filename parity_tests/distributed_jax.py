@@ -13,10 +13,11 @@ from jaxnets.parallel import request_host_devices
 
 # (name, config, overrides): small enough for a loaded 2-core machine; 201 examples in batches
 # of 2 is 100 full steps and a last batch of 1, which one of two devices gets none of; the
-# BatchNorm network needs 2 rows a batch (403 in 4s: 100 steps, then 3 rows, split 2 + 1)
+# BatchNorm network needs 2 rows a batch (403 in 4s: 100 steps, then 3 rows, split 2 + 1); its
+# dropout uses the shared NumPy masks, the global batch's on every device
 BATCHNORM_LAYERS = ('model.layers=[{type="flatten"}, {type="linear", name="fc1", out=32, '
                     'bias=false}, {type="batchnorm", name="bn1"}, {type="relu"}, '
-                    '{type="linear", name="fc2", out=10}]')
+                    '{type="dropout", rate=0.5}, {type="linear", name="fc2", out=10}]')
 CASES = (("mlp", "mlp_fashion", ["model.hidden=[32, 32]"]),
          ("cnn", "convnet_mnist", ["data.dataset=fashion_mnist"]),
          ("bn", "vgg_bn_fashion", [BATCHNORM_LAYERS, "data.train_limit=403",

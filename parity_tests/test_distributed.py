@@ -22,14 +22,16 @@ FLOAT64_BOUND, FLOAT32_BOUND = 1e-10, 1e-6
 
 
 @pytest.fixture(scope="module")
-def jax_two_devices():
+def jax_two_devices(tmp_path_factory):
+    """The figures, and in "mlp_reference" the MLP's float64 run on 2 devices (an .npz)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = tmp_path_factory.mktemp("jax") / "mlp_two_devices.npz"
     done = subprocess.run([sys.executable, str(REPO / "parity_tests" / "distributed_jax.py"),
-                           "2"], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=420)
+                           "2", str(reference)], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=420)
     assert done.returncode == 0, done.stderr[-2000:]
     print(done.stdout.strip().splitlines()[-1])  # the figures, shown with pytest -s
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "mlp_reference": reference}
 
 
 def test_one_device_mesh_equals_plain_jit_bit_for_bit(jax_two_devices):
@@ -151,15 +153,18 @@ def test_a_hanging_ddp_run_stops_at_its_timeout_with_no_orphans(tmp_path):
     assert _workers_of(tmp_path) == []
 
 
-def test_devices_below_one_and_torch_train_on_devices_are_one_line_usage_errors():
+def test_devices_below_one_and_torch_train_on_devices_are_one_line_usage_errors(capsys):
+    from jaxnets.cli import main
     from parity_tests.conftest import run_cli
 
-    for args, phrase in ((("train", "mlp_fashion", "--devices", "0"), "--devices 0: give 1"),
-                         (("train", "mlp_fashion", "--framework", "torch", "--devices", "2",
-                           "--train-limit", "10"), "torchrun --nproc-per-node 2")):
-        done = run_cli(*args)
-        assert done.returncode == 2 and phrase in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
+    # --devices 0 is refused before anything starts: in this process
+    assert main(["train", "mlp_fashion", "--devices", "0"]) == 2
+    assert capsys.readouterr().err == "jaxnets: error: --devices 0: give 1 or more\n"
+    # asking for 2 host devices changes this process's environment: in a subprocess
+    done = run_cli("train", "mlp_fashion", "--framework", "torch", "--devices", "2",
+                   "--train-limit", "10")
+    assert done.returncode == 2 and "torchrun --nproc-per-node 2" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_compare_on_two_devices_reports_each_framework_against_one_device(tmp_path):
@@ -181,9 +186,9 @@ def test_compare_on_two_devices_reports_each_framework_against_one_device(tmp_pa
     assert "## Data parallel on 2 devices" in (tmp_path / "report.md").read_text()
 
 
-def test_jax_two_processes_equal_one_process_on_two_devices(tmp_path):
+def test_jax_two_processes_equal_one_process_on_two_devices(jax_two_devices, tmp_path):
     """jax.distributed on localhost: 2 processes x 1 CPU device against 1 process x 2
-    devices, the MLP in float64 over 101 steps (measured: bit for bit)."""
+    devices (the fixture's run), the MLP in float64 over 101 steps (measured: bit for bit)."""
     import numpy as np
 
     from torchref.ddp import free_port
@@ -193,7 +198,6 @@ def test_jax_two_processes_equal_one_process_on_two_devices(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     commands = [[sys.executable, script, str(tmp_path / "two.npz"), coordinator, "2", str(i)]
                 for i in range(2)]
-    commands.append([sys.executable, script, str(tmp_path / "one.npz"), "-", "1", "0", "2"])
     workers = [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for c in commands]
     try:
@@ -203,10 +207,10 @@ def test_jax_two_processes_equal_one_process_on_two_devices(tmp_path):
             if w.poll() is None:
                 w.kill()
                 w.wait()
-    assert [w.returncode for w in workers] == [0, 0, 0], [e[-1500:] for e in errors]
-    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for e in errors]
+    two, one = np.load(tmp_path / "two.npz"), np.load(jax_two_devices["mlp_reference"])
     assert (int(two["processes"]), int(two["devices"])) == (2, 2)
-    assert (int(one["processes"]), int(one["devices"])) == (1, 2)
     assert len(two["step_losses"]) == 101
-    for key in set(two.files) - {"processes", "devices"}:  # step losses and every weight
+    assert set(two.files) - {"processes", "devices"} == set(one.files)
+    for key in one.files:  # step losses and every weight
         assert np.array_equal(two[key], one[key]), key

@@ -153,6 +153,19 @@ def test_a_hanging_ddp_run_stops_at_its_timeout_with_no_orphans(tmp_path):
     assert _workers_of(tmp_path) == []
 
 
+def test_more_host_devices_than_a_started_jax_has_is_one_line():
+    """Through JAX's public ``jax_num_cpu_devices`` option, refused once JAX has started."""
+    import jax
+
+    from jaxnets.errors import JaxnetsError
+    from jaxnets.parallel import request_host_devices
+
+    have = len(jax.devices())  # JAX started in this process
+    request_host_devices(have)  # as many as it has: nothing to do
+    with pytest.raises(JaxnetsError, match=f"JAX has already started with {have} device"):
+        request_host_devices(have + 1)
+
+
 def test_devices_below_one_and_torch_train_on_devices_are_one_line_usage_errors(capsys):
     from jaxnets.cli import main
     from parity_tests.conftest import run_cli

@@ -49,6 +49,7 @@ def data_parallel(cfg: dict[str, Any], dataset: Dataset, out: Path, devices: int
     jax_test_loss, jax_test_accuracy = jax_side.evaluate()
     return {
         "devices": devices,
+        "dtype": dtype,
         "processes": {"jax": jax_side.parallel()["processes"], "torch": ddp["processes"]},
         "jax_mesh": jax_side.parallel(),
         "torch_backend": ddp["backend"],
@@ -85,8 +86,8 @@ def parallel_markdown(parallel: dict[str, Any]) -> str:
         f"- torch: DistributedDataParallel, {parallel['processes']['torch']} processes, "
         f"backend {parallel['torch_backend']}, {parallel['threads_per_torch_process']} thread "
         f"each (the one-device torch run above used the same count)",
-        f"- {parallel['steps']} steps; max-abs differences of the per-step losses and the "
-        f"final weights:", "",
+        f"- {parallel['steps']} steps in {parallel['dtype']}; max-abs differences of the "
+        f"per-step losses (as the reports keep them, in float32) and the final weights:", "",
         "| runs | per-step loss | final weights |", "|---|---:|---:|"]
     lines += [f"| {label} | {parallel[key]['step_loss']:.3g} | {parallel[key]['weights']:.3g} |"
               for label, key in rows]

@@ -8,7 +8,9 @@ takes its contiguous slice of each, ``ceil(B / N)`` rows per rank, the last rank
 ``DistributedSampler``, whose strided indices and padding change the batches). Its loss is its
 rows' mean scaled by ``rows * N / B``, so that DDP's gradient average is the gradient of the
 mean over the global batch: exact for a last batch that does not divide by N, even when a rank
-holds no rows. Worker usage (one line per rank; ``torchrun --nproc-per-node N -m torchref.ddp``
+holds no rows. BatchNorm normalises with the global batch's statistics and dropout uses the
+global batch's masks (:mod:`torchref.ddp_layers`), so N ranks train what one process trains.
+Worker usage (one line per rank; ``torchrun --nproc-per-node N -m torchref.ddp``
 starts all)::
 
     python -m torchref.ddp CONFIG_JSON OUT_DIR [--dtype float64] [--initial W.safetensors]
@@ -44,8 +46,9 @@ ENV_CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"
 
 class DistributedTrainer(Trainer):
     """:class:`torchref.train.Trainer` whose steps run on this rank's slice of each global
-    batch, through DDP. ``check_ranks``: after every step, the largest difference of any
-    parameter from rank 0's (all ranks), kept in ``rank_param_max_diff``."""
+    batch, through DDP, BatchNorm synchronised (:meth:`synchronise_batchnorm`) and dropout
+    masks sliced (:meth:`shard_dropout`). ``check_ranks``: after every step, the largest
+    difference of any parameter from rank 0's (all ranks), kept in ``rank_param_max_diff``."""
 
     def __init__(self, cfg: dict[str, Any], dataset, dtype: str = "float32",
                  device: str = "cpu", check_ranks: bool = False):

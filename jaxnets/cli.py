@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "directory) to the same weights an uninterrupted run reaches")
     compare = sub.add_parser("compare", help="train in JAX and PyTorch side by side (main job)")
     _add_run_options(compare)
+    compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                         help="both frameworks' float type (default float32)")
     summary = sub.add_parser("summary", help="every layer's output shape and parameter count, "
                              "JAX and PyTorch side by side")
     summary.add_argument("config", help="a name from configs/ (see `jaxnets list`) or a TOML file")
@@ -284,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from torchref.compare import compare
 
     compare(cfg, Path(args.out or f"runs/{cfg['name']}/compare"), progress=not args.quiet,
-            device=args.device, devices=args.devices)
+            device=args.device, devices=args.devices, dtype=args.dtype)
     return 0
 
 

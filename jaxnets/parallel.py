@@ -9,8 +9,9 @@ N = 1 of the same code. A batch that does not divide by N (the last, smaller one
 XLA inside the compiled program and its padding never enters the mean: no example is dropped
 or counted twice. BatchNorm's batch statistics are means over the global batch the same way.
 
-On a CPU, N host devices exist only when ``--xla_force_host_platform_device_count=N`` is in
-``XLA_FLAGS`` before JAX starts (:func:`request_host_devices`). Several processes (one per
+On a CPU, N host devices exist only when JAX is told before it starts (``jax_num_cpu_devices``
+or ``--xla_force_host_platform_device_count=N`` in ``XLA_FLAGS``:
+:func:`request_host_devices`). Several processes (one per
 host or GPU) join through :func:`initialize_processes` (``jax.distributed.initialize``).
 """
 
@@ -27,35 +28,28 @@ HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def request_host_devices(count: int) -> None:
-    """Ask XLA for ``count`` CPU devices in this process; must run before JAX starts (it sets
-    ``XLA_FLAGS`` and ``JAX_NUM_CPU_DEVICES``). A one-line error when JAX has already
-    started with another count."""
+    """Ask XLA for ``count`` CPU devices in this process; must run before JAX starts (the
+    ``jax_num_cpu_devices`` option where JAX is imported, else ``JAX_NUM_CPU_DEVICES`` and
+    ``XLA_FLAGS``). A one-line error when JAX has already started with fewer devices."""
     if count < 1:
         raise JaxnetsError(f"--devices {count}: give 1 or more")
     import sys
 
-    if "jax" in sys.modules and _backend_started():
+    if "jax" in sys.modules:
         import jax
 
-        have = len(jax.devices())
-        if have < count:
-            raise JaxnetsError(f"--devices {count}: JAX has already started with {have} "
-                               f"device(s); set {HOST_DEVICE_FLAG}={count} in XLA_FLAGS "
-                               f"before JAX starts")
-        return
+        try:  # JAX refuses a new count once its backends exist
+            jax.config.update("jax_num_cpu_devices", count)
+        except RuntimeError:
+            have = len(jax.devices())
+            if have < count:
+                raise JaxnetsError(f"--devices {count}: JAX has already started with {have} "
+                                   f"device(s); set {HOST_DEVICE_FLAG}={count} in XLA_FLAGS "
+                                   f"before JAX starts") from None
+            return
     flags = re.sub(rf"{HOST_DEVICE_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICE_FLAG}={count}".strip()
     os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
-
-
-def _backend_started() -> bool:
-    """Whether JAX has made its backends (after which the device count is fixed)."""
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge._backends)
-    except (ImportError, AttributeError):  # an internal that moved: assume started
-        return True
 
 
 def data_mesh(count: int, device: str = "cpu"):

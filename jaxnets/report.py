@@ -216,4 +216,6 @@ def compare_markdown(report: dict[str, Any]) -> str:
         "orders), so per-step losses agree closely at first and the final accuracies agree to "
         "a fraction of a point, not bit for bit.",
     ]
+    if report.get("dtype", "float32") != "float32":
+        lines += ["", f"This run trained both frameworks in {report['dtype']} (`--dtype`)."]
     return "\n".join(lines) + "\n"

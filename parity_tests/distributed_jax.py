@@ -1,7 +1,10 @@
 """JAX data-parallel measurements for test_distributed.py, run in a subprocess (the host device
 count is fixed when JAX starts): prints one JSON object of differences, N devices vs one.
 
-    python parity_tests/distributed_jax.py DEVICES
+    python parity_tests/distributed_jax.py DEVICES [OUT.npz]
+
+OUT.npz: the MLP's float64 run on DEVICES devices (step losses and weights), the reference of
+the multi-process check (distributed_processes.py).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from jaxnets.parallel import request_host_devices
 
 # (name, config, overrides): small enough for a loaded 2-core machine; 201 examples in batches
 # of 2 is 100 full steps and a last batch of 1, which one of two devices gets none of; the
-# BatchNorm network needs 2 rows a batch (403 in 4s: 100 steps, then 3 rows, split 2 + 1)
+# BatchNorm network needs 2 rows a batch (403 in 4s: 100 steps, then 3 rows, split 2 + 1); its
+# dropout uses the shared NumPy masks, the global batch's on every device
 BATCHNORM_LAYERS = ('model.layers=[{type="flatten"}, {type="linear", name="fc1", out=32, '
                     'bias=false}, {type="batchnorm", name="bn1"}, {type="relu"}, '
-                    '{type="linear", name="fc2", out=10}]')
+                    '{type="dropout", rate=0.5}, {type="linear", name="fc2", out=10}]')
 CASES = (("mlp", "mlp_fashion", ["model.hidden=[32, 32]"]),
          ("cnn", "convnet_mnist", ["data.dataset=fashion_mnist"]),
          ("bn", "vgg_bn_fashion", [BATCHNORM_LAYERS, "data.train_limit=403",
@@ -52,7 +56,7 @@ def differences(a, b) -> dict:
             "final_loss": abs(a[2] - b[2])}
 
 
-def main(devices: int) -> None:
+def main(devices: int, out: str | None = None) -> None:
     request_host_devices(devices)
     from jaxnets.config import load_config
     from jaxnets.data import load_dataset
@@ -71,6 +75,10 @@ def main(devices: int) -> None:
                 one = run(cfg, dataset, dtype, data_mesh(1), steps)
                 many = run(cfg, dataset, dtype, data_mesh(devices), steps)
                 results[f"{label}_{dtype}"] = differences(one, many)
+                if out and label == "mlp" and dtype == "float64":
+                    import numpy as np
+
+                    np.savez(out, step_losses=many[0], **many[1])
                 if label == "mlp" and dtype == "float32":  # a 1-device mesh vs plain jit
                     results["mesh1_vs_plain"] = differences(run(cfg, dataset, dtype, None,
                                                                 steps), one)
@@ -78,4 +86,4 @@ def main(devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,9 +1,9 @@
 """JAX on several processes (``jax.distributed``, 1 CPU device each, on localhost) for
 test_distributed.py: each process trains the MLP of ``distributed_jax.CASES`` in float64 on a
-mesh over every process's device; process 0 writes the step losses and weights to OUT.npz.
+mesh over every process's device; process 0 writes the step losses and weights to OUT.npz
+(the one-process run on N devices it is checked against: ``distributed_jax.py N OUT.npz``).
 
     python parity_tests/distributed_processes.py OUT COORDINATOR NUM_PROCESSES PROCESS_ID
-    python parity_tests/distributed_processes.py OUT - 1 0 DEVICES   # one process, N devices
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import sys
 from jaxnets.parallel import initialize_processes, request_host_devices
 
 
-def main(out: str, coordinator: str, processes: int, process_id: int, devices: int) -> None:
-    request_host_devices(devices)
-    if processes > 1:
-        initialize_processes(coordinator, processes, process_id)
+def main(out: str, coordinator: str, processes: int, process_id: int) -> None:
+    request_host_devices(1)
+    initialize_processes(coordinator, processes, process_id)
     import jax
     import numpy as np
 
@@ -41,5 +40,4 @@ def main(out: str, coordinator: str, processes: int, process_id: int, devices: i
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-         int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -59,10 +59,12 @@ def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
 
 
 def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: bool,
-                   echo: Callable[[str], None], device: str = "cpu") -> dict[str, Any]:
-    """One model trained side by side on ``device``; returns its part of the report."""
-    torch_side = TorchTrainer(cfg, dataset, device=torch_device(device))
-    jax_side = JaxTrainer(cfg, dataset)
+                   echo: Callable[[str], None], device: str = "cpu",
+                   dtype: str = "float32") -> dict[str, Any]:
+    """One model trained side by side on ``device`` in ``dtype``; returns its part of the
+    report."""
+    torch_side = TorchTrainer(cfg, dataset, dtype=dtype, device=torch_device(device))
+    jax_side = JaxTrainer(cfg, dataset, dtype=dtype)
 
     # Identical start: torch's initial weights -> safetensors -> the Flax model.
     initial = out / f"initial_weights_torch_seed{cfg['seed']}.safetensors"
@@ -121,17 +123,18 @@ def compare_member(cfg: dict[str, Any], dataset: Dataset, out: Path, progress: b
 
 def compare(cfg: dict[str, Any], out: Path, progress: bool = True,
             echo: Callable[[str], None] = print, device: str = "cpu",
-            devices: int = 1) -> dict[str, Any]:
-    """Train ``cfg`` in both frameworks side by side on ``device`` ("cpu" or "gpu", float32,
-    TF32 off: :func:`torchref.numerics.numerics`); write ``out/report.json`` and ``.md``.
+            devices: int = 1, dtype: str = "float32") -> dict[str, Any]:
+    """Train ``cfg`` in both frameworks side by side on ``device`` ("cpu" or "gpu", in
+    ``dtype``, TF32 off: :func:`torchref.numerics.numerics`); write ``out/report.json`` and
+    ``.md``.
     ``devices`` > 1: then also data-parallel on that many devices in both frameworks
     (:mod:`torchref.parallel_compare`), with one PyTorch thread per process throughout."""
-    with numerics("float32", device, threads=1 if devices > 1 else None):
-        return _compare(cfg, out, progress, echo, device, devices)
+    with numerics(dtype, device, threads=1 if devices > 1 else None):
+        return _compare(cfg, out, progress, echo, device, devices, dtype)
 
 
 def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str], None],
-             device: str, devices: int = 1) -> dict[str, Any]:
+             device: str, devices: int = 1, dtype: str = "float32") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("", encoding="utf-8")  # appended to, epoch by epoch
     dataset = load_dataset(cfg["data"])
@@ -147,7 +150,8 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
         if size > 1:
             echo(f"member {m + 1}/{size} (seed {member_cfg['seed']})")
         members.append(compare_member(member_cfg, dataset, out, progress,
-                                      echo if m == 0 else (lambda _line: None), device))
+                                      echo if m == 0 else (lambda _line: None), device,
+                                      dtype))
         if m > 0:
             f = members[-1]["final"]
             echo(f"  final test loss: jax {f['jax_test_loss']:.6f}, torch "
@@ -163,6 +167,7 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
         # as each framework reports them: where the training data lives, and the settings
         "devices": {fw: t.data_device() for fw, t in first["trainers"].items()},
         "numerics": read_numerics(),
+        "dtype": dtype,
         "processes": {"jax": jax.process_count(), "torch": 1},  # the side-by-side run
         "timing": {fw: t.timing for fw, t in first["trainers"].items()},
         "initial_weights_max_abs_diff": max(m["initial_weights_max_abs_diff"] for m in members),
@@ -199,7 +204,7 @@ def _compare(cfg: dict[str, Any], out: Path, progress: bool, echo: Callable[[str
 
         echo(f"data parallel on {devices} devices: jax (one process) and torch DDP "
              f"({devices} processes)")
-        report["parallel"] = data_parallel(cfg, dataset, out, devices, first, device)
+        report["parallel"] = data_parallel(cfg, dataset, out, devices, first, device, dtype)
         markdown += parallel_markdown(report["parallel"])
         for key in ("jax_vs_one_device", "torch_vs_one_device", "jax_vs_torch"):
             diff = report["parallel"][key]

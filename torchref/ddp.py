@@ -8,7 +8,9 @@ takes its contiguous slice of each, ``ceil(B / N)`` rows per rank, the last rank
 ``DistributedSampler``, whose strided indices and padding change the batches). Its loss is its
 rows' mean scaled by ``rows * N / B``, so that DDP's gradient average is the gradient of the
 mean over the global batch: exact for a last batch that does not divide by N, even when a rank
-holds no rows. Worker usage (one line per rank; ``torchrun --nproc-per-node N -m torchref.ddp``
+holds no rows. BatchNorm normalises with the global batch's statistics and dropout uses the
+global batch's masks (:mod:`torchref.ddp_layers`), so N ranks train what one process trains.
+Worker usage (one line per rank; ``torchrun --nproc-per-node N -m torchref.ddp``
 starts all)::
 
     python -m torchref.ddp CONFIG_JSON OUT_DIR [--dtype float64] [--initial W.safetensors]
@@ -30,9 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from jaxnets.errors import TrainingError
+from torchref.ddp_layers import global_batchnorm, shard_dropout
 from torchref.optim import make_optimizer
 from torchref.train import Trainer
 
@@ -42,35 +46,42 @@ ENV_CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"
 
 class DistributedTrainer(Trainer):
     """:class:`torchref.train.Trainer` whose steps run on this rank's slice of each global
-    batch, through DDP. ``check_ranks``: after every step, the largest difference of any
-    parameter from rank 0's (all ranks), kept in ``rank_param_max_diff``."""
+    batch, through DDP, BatchNorm synchronised (:meth:`synchronise_batchnorm`) and dropout
+    masks sliced (:meth:`shard_dropout`). ``check_ranks``: after every step, the largest
+    difference of any parameter from rank 0's (all ranks), kept in ``rank_param_max_diff``."""
 
     def __init__(self, cfg: dict[str, Any], dataset, dtype: str = "float32",
                  device: str = "cpu", check_ranks: bool = False):
         super().__init__(cfg, dataset, dtype=dtype, device=device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        # BatchNorm's batch statistics over the global batch: SyncBatchNorm all-reduces each
-        # layer's sums and counts; PyTorch runs it on GPUs only, so a CPU run refuses BatchNorm
-        # rather than train on per-rank statistics that differ from one device's
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            if self.device.type != "cuda":
-                raise TrainingError("BatchNorm under DDP needs SyncBatchNorm, which PyTorch "
-                                    "runs on GPUs only: train this network with --devices 1 "
-                                    "on a CPU")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if any(isinstance(m, _BatchNorm) for m in self.model.modules()):
+            self.model = self.synchronise_batchnorm(self.model)
             self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.ddp = DistributedDataParallel(self.model)  # broadcasts rank 0's parameters
         self.check_ranks, self.rank_param_max_diff, self.global_losses = check_ranks, 0.0, []
 
-    def rank_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous slice of a global batch: ceil(B / N) rows, the last fewer."""
-        per_rank = math.ceil(len(index) / self.world)
-        return index[self.rank * per_rank:(self.rank + 1) * per_rank]
+    def synchronise_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """BatchNorm's statistics over the global batch, as on one device: PyTorch's
+        SyncBatchNorm on GPUs, :func:`torchref.ddp_layers.global_batchnorm` on a CPU."""
+        if self.device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return global_batchnorm(model)
+
+    def rank_slice(self, batch: int) -> slice:
+        """This rank's contiguous rows of a global batch: ceil(B / N) rows, the last fewer."""
+        per_rank = math.ceil(batch / self.world)
+        return slice(min(self.rank * per_rank, batch), min((self.rank + 1) * per_rank, batch))
+
+    def shard_dropout(self, rows: slice, batch: int) -> None:
+        """Dropout masks of the global batch, this rank's ``rows`` of them."""
+        shard_dropout(self.model, rows, batch)
 
     def batch_loss(self, index: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         if self.check_ranks:
             self._check_ranks()
-        rows = self.rank_rows(index)
+        where = self.rank_slice(len(index))
+        rows = index[where]
+        self.shard_dropout(where, len(index))
         outputs = self.ddp(self.train_x[rows])
         y = self.train_y[rows]
         if len(rows):
@@ -107,18 +118,28 @@ def free_port() -> int:
 def launch(config: dict[str, Any], out: Path, processes: int, dtype: str = "float32",
            initial: Path | None = None, timeout: float = 600.0, check_ranks: bool = False,
            test_limit: int | None = None) -> dict[str, Any]:
-    """Train ``config`` with DDP on ``processes`` local worker processes (torchrun's
-    environment, one thread each; ``test_limit``: evaluate on the first test examples only);
-    returns rank 0's ``result.json`` with the weights from
-    ``out/weights_ddp.npz``. A worker that fails, or a run past ``timeout`` seconds, stops
-    every worker and raises one :class:`TrainingError` line."""
+    """Train ``config`` with DDP on ``processes`` local worker processes (:func:`run_ranks`;
+    ``test_limit``: evaluate on the first test examples only); returns rank 0's
+    ``result.json`` with the weights from ``out/weights_ddp.npz``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    port = free_port()
-    command = [sys.executable, "-m", "torchref.ddp", str(out / "config.json"), str(out),
+    run_ranks([sys.executable, "-m", "torchref.ddp", str(out / "config.json"), str(out),
                "--dtype", dtype, *(["--initial", str(initial)] if initial else []),
                *(["--check-ranks"] if check_ranks else []),
-               *(["--test-limit", str(test_limit)] if test_limit else [])]
+               *(["--test-limit", str(test_limit)] if test_limit else [])],
+              out, processes, timeout)
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    with np.load(out / "weights_ddp.npz") as weights:
+        result["weights"] = {k: weights[k] for k in weights.files}
+    return result
+
+
+def run_ranks(command: list[str], out: Path, processes: int, timeout: float = 600.0) -> None:
+    """Run ``command`` as ``processes`` ranks on this machine, in torchrun's environment with
+    one thread each, logs in ``out/rank{i}.log``. A worker that fails, or a run past
+    ``timeout`` seconds, stops every worker and raises one :class:`TrainingError` line."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     workers, logs = [], []
     for rank in range(processes):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -152,10 +173,6 @@ def launch(config: dict[str, Any], out: Path, processes: int, dtype: str = "floa
                 worker.wait()
         for log in logs:
             log.close()
-    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
-    with np.load(out / "weights_ddp.npz") as weights:
-        result["weights"] = {k: weights[k] for k in weights.files}
-    return result
 
 
 def _last_line(path: Path) -> str:
@@ -164,7 +181,7 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     """A worker whose launcher dies (killed by a signal, say) ends too: no orphans."""
     import threading
 
@@ -193,7 +210,7 @@ def worker(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"torchref.ddp: missing {', '.join(missing)} (start it with torchrun "
                          f"or torchref.ddp.launch)")
-    _exit_with_parent()
+    exit_with_parent()
     from jaxnets.convert import read_safetensors
     from jaxnets.data import load_dataset
     from torchref.numerics import torch_numerics

@@ -37,19 +37,23 @@ class Conv2d(nn.Conv2d):
 class Dropout(nn.Module):
     """Dropout with the masks of :func:`jaxnets.layers.dropout_mask` (NumPy, from seed, layer
     index and draw number), so both frameworks drop the same entries; ``draws`` is a buffer
-    and goes into checkpoints."""
+    and goes into checkpoints. ``global_rows``: (rows, global batch size) when ``x`` holds only
+    ``rows`` of a global batch (a DDP rank, ``torchref.ddp_layers.shard_dropout``): the mask is
+    the global batch's, sliced, so N ranks drop what one device drops."""
 
     def __init__(self, rate: float, seed: int, index: int):
         super().__init__()
         self.rate, self.seed, self.index = rate, seed, index
+        self.global_rows: tuple[slice, int] | None = None
         self.register_buffer("draws", torch.zeros((), dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.rate == 0.0:
             return x
+        rows, batch = self.global_rows or (slice(None), len(x))
         # drawn in float64 and rounded once to x's dtype, as the JAX side does
-        mask = dropout_mask(self.seed, self.index, int(self.draws), tuple(x.shape), self.rate,
-                            np.float64)
+        mask = dropout_mask(self.seed, self.index, int(self.draws), (batch, *x.shape[1:]),
+                            self.rate, np.float64)[rows]
         self.draws += 1
         return x * torch.from_numpy(mask).to(device=x.device, dtype=x.dtype)
 

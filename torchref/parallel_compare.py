@@ -29,17 +29,19 @@ def _weights_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def data_parallel(cfg: dict[str, Any], dataset: Dataset, out: Path, devices: int,
-                  one_device: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Train ``cfg`` data-parallel in both frameworks; ``one_device``: the side-by-side
-    member (its ``step_losses`` and ``trainers``). Returns the report's ``parallel`` part:
-    max-abs differences of per-step losses and final weights (torch names and layouts)."""
+                  one_device: dict[str, Any], device: str = "cpu",
+                  dtype: str = "float32") -> dict[str, Any]:
+    """Train ``cfg`` data-parallel in both frameworks in ``dtype``; ``one_device``: the
+    side-by-side member (its ``step_losses`` and ``trainers``). Returns the report's
+    ``parallel`` part: max-abs differences of per-step losses and final weights (torch names
+    and layouts)."""
     initial = out / f"initial_weights_torch_seed{cfg['seed']}.safetensors"
-    jax_side = JaxTrainer(cfg, dataset, mesh=data_mesh(devices, device))
+    jax_side = JaxTrainer(cfg, dataset, dtype=dtype, mesh=data_mesh(devices, device))
     jax_side.load_weights(convert.torch_to_flax(convert.read_safetensors(initial)))
     jax_stats = jax_side.train_epochs(range(cfg["train"]["epochs"]), progress=False)
     jax_losses = np.concatenate([s.step_losses for s in jax_stats])
     jax_weights = convert.flax_to_torch(jax_side.weights())
-    ddp = launch(cfg, out / "ddp", devices, initial=initial)
+    ddp = launch(cfg, out / "ddp", devices, dtype, initial=initial)
     ddp_losses = np.asarray(ddp["step_losses"], np.float32)  # as the report keeps them
     one = one_device["step_losses"]
     one_weights = {fw: t.weights() for fw, t in one_device["trainers"].items()}
@@ -47,6 +49,7 @@ def data_parallel(cfg: dict[str, Any], dataset: Dataset, out: Path, devices: int
     jax_test_loss, jax_test_accuracy = jax_side.evaluate()
     return {
         "devices": devices,
+        "dtype": dtype,
         "processes": {"jax": jax_side.parallel()["processes"], "torch": ddp["processes"]},
         "jax_mesh": jax_side.parallel(),
         "torch_backend": ddp["backend"],
@@ -83,8 +86,8 @@ def parallel_markdown(parallel: dict[str, Any]) -> str:
         f"- torch: DistributedDataParallel, {parallel['processes']['torch']} processes, "
         f"backend {parallel['torch_backend']}, {parallel['threads_per_torch_process']} thread "
         f"each (the one-device torch run above used the same count)",
-        f"- {parallel['steps']} steps; max-abs differences of the per-step losses and the "
-        f"final weights:", "",
+        f"- {parallel['steps']} steps in {parallel['dtype']}; max-abs differences of the "
+        f"per-step losses (as the reports keep them, in float32) and the final weights:", "",
         "| runs | per-step loss | final weights |", "|---|---:|---:|"]
     lines += [f"| {label} | {parallel[key]['step_loss']:.3g} | {parallel[key]['weights']:.3g} |"
               for label, key in rows]

@@ -67,9 +67,11 @@ CATALOGUE: list[Bug] = [
            "(C, H, W)", "between 1 and 6"),
     _model("bn_momentum_convention", "convnet", "nnx.BatchNorm(momentum=0.1), torch's "
            "momentum copied; Flax's momentum weighs the old value (0.9)", "1", ("train",)),
-    _model("bn_running_var_unbiased", "convnet", "a BatchNorm keeping the unbiased batch "
-           "variance where nnx.BatchNorm (the engine's convention) keeps the biased one", "1",
-           ("train",)),
+    # The engine takes nnx.BatchNorm's biased running variance as the correct port
+    # (torch_running_var_as_flax); the classic bug runs the other way: see the README.
+    _model("bn_running_var_convention", "convnet", "a BatchNorm storing the unbiased running "
+           "variance (torch's convention) where the engine expects nnx.BatchNorm's biased one",
+           "1", ("train",)),
     _model("bn_eps", "convnet", "BatchNorm epsilon 1e-3 (Keras' default), torch's is 1e-5", "1"),
     _model("gelu_tanh", "mixer", "jax.nn.gelu(x) (tanh approximation by default), torch's "
            "nn.GELU() is the exact erf form", "between channel_mlp.0 and channel_mlp.2"),
@@ -144,9 +146,11 @@ def planted_loss(loss: Callable | None) -> Iterator[None]:
         jax_losses.cross_entropy = original
 
 
-def case(pair: str, bug: Bug | None = None) -> dict[str, Any]:
+def case(pair: str, bug: Bug | None = None, optimizer: str = "") -> dict[str, Any]:
     """:func:`torchref.verify.verify`'s arguments for ``pair`` with ``bug`` planted (None: the
-    correct port; the optimizer, if any, as the bug's set-up)."""
+    correct port, with the correct Optax port of the torch set-up ``optimizer`` if given)."""
+    if bug is None and optimizer:
+        bug = Bug("", "", pair, "", "", optimizer=optimizer)
     kwargs: dict[str, Any] = {
         "torch_model": pairs.TORCH[pair](), "inputs": pairs.inputs(pair),
         "flax_model": pairs.make_flax(pair, bug.switch if bug else ""),

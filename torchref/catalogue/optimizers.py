@@ -75,7 +75,7 @@ def clip_coefficient(norm: jax.Array, max_norm: float) -> jax.Array:
 def torch_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """``torch.nn.utils.clip_grad_norm_`` as an Optax transformation (one global norm)."""
     def update(updates, state, params=None):
-        coefficient = clip_coefficient(optax.global_norm(updates), max_norm)
+        coefficient = clip_coefficient(optax.tree.norm(updates), max_norm)
         return jax.tree.map(lambda g: g * coefficient, updates), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -53,7 +53,7 @@ class ConvPort(nnx.Module):
         # torch's momentum 0.1 weighs the new batch; Flax's momentum weighs the old value: 0.9
         momentum = 0.1 if bug == "bn_momentum_convention" else 0.9
         eps = 1e-3 if bug == "bn_eps" else 1e-5
-        norm = UnbiasedBatchNorm if bug == "bn_running_var_unbiased" else nnx.BatchNorm
+        norm = UnbiasedBatchNorm if bug == "bn_running_var_convention" else nnx.BatchNorm
         self.norm = norm(4, momentum=momentum, epsilon=eps, rngs=rngs)
         self.dropout = nnx.Dropout(0.25, rngs=rngs)
         self.hidden = nnx.Linear(4 * 7 * 7, 16, rngs=rngs)

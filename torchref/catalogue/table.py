@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from torchref.catalogue.bugs import CATALOGUE, Bug, case, planted_loss
+from torchref.catalogue.optimizers import TORCH_OPTIMIZERS
 from torchref.verify import verify
 from torchref.verify.checks import Row
 
@@ -77,8 +78,9 @@ def right_place(named: str | None, expected: str) -> bool:
                                                                    expected + ":")))
 
 
-def run_bug(bug: Bug | None, pair: str, dtype: str) -> tuple[dict[str, Any], Any]:
-    kwargs = case(pair, bug)
+def run_bug(bug: Bug | None, pair: str, dtype: str, optimizer: str = ""
+            ) -> tuple[dict[str, Any], Any]:
+    kwargs = case(pair, bug, optimizer)
     started = time.perf_counter()
     with planted_loss(bug.loss if bug else None):
         report = verify(dtype=dtype, **kwargs)
@@ -90,6 +92,7 @@ def run_bug(bug: Bug | None, pair: str, dtype: str) -> tuple[dict[str, Any], Any
               "margin": _finite(row.margin) if row else None,
               "error": _finite(row.error) if row else None,
               "bound": row.bound if row else None,
+              "torch_error": row.torch_error if row else None,
               "worst_margin": _finite(max((r.margin for r in report.rows), default=0.0)),
               "seconds": round(time.perf_counter() - started, 1)}
     return result, report
@@ -130,11 +133,16 @@ def build(names: list[str] | None = None, progress=print) -> dict[str, Any]:
     import optax
     import torch
 
+    started = time.perf_counter()
     entries, correct = [], {}
-    for pair in PAIRS if names is None else ():
-        correct[pair] = {dt: run_bug(None, pair, dt)[0] for dt in ("float64", "float32")}
-        progress(f"correct {pair}: " + ", ".join(f"{dt} {'FAILS' if r['caught'] else 'passes'}"
-                                                 for dt, r in correct[pair].items()))
+    runs = [(p, "") for p in PAIRS] + [("mlp", o) for o in TORCH_OPTIMIZERS]
+    for pair, optimizer in runs if names is None else ():
+        label = f"{pair} + {optimizer}" if optimizer else pair
+        correct[label] = {dt: run_bug(None, pair, dt, optimizer)[0]
+                          for dt in ("float64", "float32")}
+        progress(f"correct {label}: " + ", ".join(
+            f"{dt} {'FAILS at ' + str(r['layer']) if r['caught'] else 'passes'}"
+            for dt, r in correct[label].items()))
     for bug in CATALOGUE:
         if names is not None and bug.name not in names:
             continue
@@ -151,7 +159,7 @@ def build(names: list[str] | None = None, progress=print) -> dict[str, Any]:
     return {"fingerprint": fingerprint(), "versions": {
         "torch": torch.__version__, "jax": jax.__version__, "flax": flax.__version__,
         "optax": optax.__version__}, "correct": correct, "bugs": entries,
-        "summary": summarise(entries)}
+        "summary": summarise(entries), "seconds": round(time.perf_counter() - started)}
 
 
 def summarise(entries: list[dict]) -> dict[str, Any]:

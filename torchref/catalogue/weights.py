@@ -63,5 +63,3 @@ def dropped_bias(torch_model) -> dict[str, np.ndarray]:
 
 LOADERS: dict[str, Callable] = {f.__name__: _planted(f) for f in (
     square_linear_untransposed, conv_kernel_spatial_swap, conv_kernel_flipped, dropped_bias)}
-PLANTS = {f.__name__: f for f in (square_linear_untransposed, conv_kernel_spatial_swap,
-                                  conv_kernel_flipped, dropped_bias)}

@@ -37,8 +37,10 @@ def markdown(table: dict[str, Any]) -> str:
                      f"{', '.join(summary['float32']['below_noise'])}")
     if table["correct"]:
         lines += ["", "Correct ports: " + "; ".join(
-            f"{pair} " + ", ".join(f"{dt} {'**fails**' if r['caught'] else 'passes'} "
-                                   f"(closest {r['worst_margin']:.2g}x)" for dt, r in res.items())
+            f"{pair} " + ", ".join(
+                f"{dt} **fails** at `{r['layer']}` ({r['check']}, {r['margin']:.3g}x)"
+                if r["caught"] else f"{dt} passes (closest {r['worst_margin']:.2g}x)"
+                for dt, r in res.items())
             for pair, res in table["correct"].items()) + "."]
     lines += ["", "| bug | category | porter wrote | expected at | float64 | float32 |",
               "|---|---|---|---|---|---|"]

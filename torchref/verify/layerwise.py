@@ -88,9 +88,12 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
             continue
         t_call, r_call, layer = tc[t_name], rc[t_name], flax_modules[f_name]
         # propagated: each side on its own previous output
+        def to_in(a, t_name=t_name):  # an input in the order the Flax layer reads it
+            return mapping.input_to_flax(t_name, pair.to_flax(a))
+
         rows.append(judge(t_name, "input", f"propagated {m}", dtype,
-                          np.asarray(f["inputs"][f_name]), pair.to_flax(_np(r_call.input)),
-                          pair.to_flax(_np(t_call.input)), "forward", f_name))
+                          np.asarray(f["inputs"][f_name]), to_in(_np(r_call.input)),
+                          to_in(_np(t_call.input)), "forward", f_name))
         rows.append(judge(t_name, "forward", f"propagated {m}", dtype,
                           np.asarray(f["outputs"][f_name]), pair.to_flax(_np(r_call.output)),
                           pair.to_flax(_np(t_call.output)), "forward", f_name))
@@ -103,12 +106,12 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
         r_out_l, r_gin, r_pg = _torch_alone(r_call.module, model_input(t_in, "float64"),
                                             t_cot.astype(np.float64), torch.float64)
         t_out_l, t_gin, t_pg = _torch_alone(t_call.module, t_in, t_cot, tdt)
-        f_out_l, f_gin, f_pg = flax_layer_vjp(layer, pair.to_flax(t_in), pair.to_flax(t_cot))
+        f_out_l, f_gin, f_pg = flax_layer_vjp(layer, to_in(t_in), pair.to_flax(t_cot))
         rows.append(judge(t_name, "forward", f"shadow {m}", dtype, np.asarray(f_out_l),
                           pair.to_flax(r_out_l), pair.to_flax(t_out_l), "forward", f_name))
         if f_gin is not None:
             rows.append(judge(t_name, "backward", f"shadow {m}", dtype, np.asarray(f_gin),
-                              pair.to_flax(r_gin), pair.to_flax(t_gin), "backward", f_name))
+                              to_in(r_gin), to_in(t_gin), "backward", f_name))
         f_pg = flat(f_pg)
         for p_name, g in r_pg.items():
             full = f"{t_name}.{p_name}"
@@ -197,7 +200,8 @@ def prove_mapping(pair: Pair, mapping: Mapping, t_calls, seed: int) -> list[Row]
         ref = _torch_alone(dict(pair.reference.named_modules())[t_name], x, None,
                            torch.float64)[0]
         own = _torch_alone(module, x, None, getattr(torch, pair.dtype))[0]
-        out = flax_layer_vjp(flax_modules[f_name], pair.to_flax(x), None)[0]
+        out = flax_layer_vjp(flax_modules[f_name], mapping.input_to_flax(t_name, pair.to_flax(x)),
+                             None)[0]
         rows.append(judge(t_name, "proof", "alone, random input", pair.dtype, np.asarray(out),
                           pair.to_flax(ref), pair.to_flax(own), "forward", f_name))
     return rows

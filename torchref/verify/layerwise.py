@@ -87,10 +87,11 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
         if t_name not in tc or f_name not in f["outputs"]:
             continue
         t_call, r_call, layer = tc[t_name], rc[t_name], flax_modules[f_name]
-        # propagated: each side on its own previous output
+
         def to_in(a, t_name=t_name):  # an input in the order the Flax layer reads it
             return mapping.input_to_flax(t_name, pair.to_flax(a))
 
+        # propagated: each side on its own previous output (the backward at Flax's, above)
         rows.append(judge(t_name, "input", f"propagated {m}", dtype,
                           np.asarray(f["inputs"][f_name]), to_in(_np(r_call.input)),
                           to_in(_np(t_call.input)), "forward", f_name))

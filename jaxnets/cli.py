@@ -153,8 +153,10 @@ def _add_verify(sub) -> None:
                         help="input shape in PyTorch's layout (random inputs, seeded)")
     verify.add_argument("--inputs", metavar="FILE.npz",
                         help="inputs (and optionally targets) instead of random ones")
-    verify.add_argument("--flax-layout", choices=("nhwc", "same"), default="nhwc",
-                        help="4-D inputs reach the Flax model as NHWC (default) or as given")
+    verify.add_argument("--flax-layout", choices=("nhwc", "channels_last", "same"),
+                        default="nhwc",
+                        help="4-D inputs reach the Flax model as NHWC (default), every input "
+                             "of rank >= 3 channels last (NCL -> NLC for Conv1d), or as given")
     verify.add_argument("--mapping", metavar="FILE", help="a mapping.toml (default: proposed)")
     verify.add_argument("--loss", choices=("cross_entropy", "mse", "sum"),
                         default="cross_entropy")

@@ -5,7 +5,8 @@ PyTorch weights without installing torch. The rules, one small named function ea
 :data:`RULES` (a torch name ending and rank -> a Flax name ending), Hugging Face style:
 
 * Linear ``weight`` (out, in) -> ``kernel`` (in, out): :func:`linear_torch_to_flax`, a transpose.
-* Conv2d ``weight`` OIHW -> ``kernel`` HWIO: :func:`conv_torch_to_flax`.
+* Conv2d ``weight`` OIHW -> ``kernel`` HWIO: :func:`conv_torch_to_flax`; Conv1d OIW -> WIO:
+  :func:`conv1d_torch_to_flax` (``jaxnets verify``'s mapping; the vocabulary has no conv1d).
 * BatchNorm / LayerNorm ``weight`` (features,) -> ``scale``: :func:`norm_torch_to_flax`.
 * BatchNorm ``running_mean`` -> ``mean`` and ``running_var`` -> ``var``:
   :func:`running_mean_torch_to_flax`, :func:`running_var_torch_to_flax` (values unchanged;
@@ -14,8 +15,10 @@ PyTorch weights without installing torch. The rules, one small named function ea
   for ``momentum=None``, which the vocabulary does not offer); flax -> torch leaves it out and
   the PyTorch side keeps its own.
 * ``bias`` and dropout's ``draws`` counter: the same on both sides.
-* Flatten order (CHW vs HWC) needs no rule: the Flax models flatten in PyTorch's order
-  (``jaxnets.layers.flatten_chw``), so the first Linear after a conv is a plain transpose.
+* Flatten order (CHW vs HWC) needs no rule here: the Flax models flatten in PyTorch's order
+  (``jaxnets.layers.flatten_chw``), so the first Linear after a conv is a plain transpose. A
+  user's port that flattens its NHWC activations directly needs
+  :func:`linear_hwc_torch_to_flax` for that Linear (``jaxnets verify`` detects it).
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ def linear_torch_to_flax(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.T)
 
 
+def linear_hwc_torch_to_flax(weight: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """The first Linear after a flatten, for a port that flattens NHWC: weight (out, C*H*W)
+    -> kernel (H*W*C, out)."""
+    # Framework difference: torch flattens (C, H, W), an NHWC port (H, W, C): permute the inputs
+    c, h, w = chw
+    rows = weight.reshape(weight.shape[0], c, h, w).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(rows.reshape(weight.shape[0], -1).T)
+
+
+def flat_chw_to_hwc(array: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """A flattened activation (batch, C*H*W) in torch's order -> (batch, H*W*C), an NHWC port's."""
+    c, h, w = chw
+    return np.ascontiguousarray(array.reshape(-1, c, h, w).transpose(0, 2, 3, 1)
+                                .reshape(array.shape[0], -1))
+
+
 def linear_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(kernel.T)
 
@@ -46,6 +65,11 @@ def linear_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
 def conv_torch_to_flax(weight: np.ndarray) -> np.ndarray:
     """torch.nn.Conv2d keeps its kernel OIHW; nnx.Conv (lax.conv with NHWC inputs) HWIO."""
     return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+
+
+def conv1d_torch_to_flax(weight: np.ndarray) -> np.ndarray:
+    """torch.nn.Conv1d keeps its kernel OIW; nnx.Conv with one spatial dim (NLC inputs) WIO."""
+    return np.ascontiguousarray(weight.transpose(2, 1, 0))
 
 
 def conv_flax_to_torch(kernel: np.ndarray) -> np.ndarray:
@@ -74,6 +98,19 @@ def embedding_torch_to_flax(weight: np.ndarray) -> np.ndarray:
 def activation_torch_to_flax(array: np.ndarray) -> np.ndarray:
     """An image activation NCHW (torch) -> NHWC (Flax convolutions); other ranks unchanged."""
     return np.ascontiguousarray(array.transpose(0, 2, 3, 1)) if array.ndim == 4 else array
+
+
+def activation_channels_last(array: np.ndarray) -> np.ndarray:
+    """Any activation with a channel axis (rank >= 3), channels first (torch: NCL, NCHW) ->
+    channels last (Flax convolutions: NLC, NHWC); lower ranks unchanged."""
+    if array.ndim < 3:
+        return array
+    return np.ascontiguousarray(np.moveaxis(array, 1, -1))
+
+
+def activation_channels_first(array: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`activation_channels_last`."""
+    return np.ascontiguousarray(np.moveaxis(array, -1, 1)) if array.ndim >= 3 else array
 
 
 def activation_flax_to_torch(array: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from jaxnets.errors import ConfigError
 from parity_tests.foreign import cnn, mixer
 from torchref.verify import assert_port_equivalent, verify
 from torchref.verify.mapping import read_mapping
+from torchref.verify.report import error_figure
 
 SHAPES = {"cnn": (8, 1, 14, 14), "mixer": (8, mixer.TOKENS, mixer.PATCH)}
 PAIRS = {"cnn": cnn, "mixer": mixer}
@@ -57,6 +58,11 @@ def test_cnn_port_passes_every_check(reports):
             "cosine"} <= set(saved["rows"][0]["stats"])
     assert (where / "report.md").read_text().startswith("# jaxnets verify (float32)")
     assert (where / "errors.png").stat().st_size > 0
+    figure = error_figure(report)  # one panel per mode, each propagated and shadow
+    assert [a.get_title() for a in figure.axes] == ["eval mode", "train mode"]
+    for axes in figure.axes:
+        labels = axes.get_legend_handles_labels()[1]
+        assert {"flax, propagated", "flax, shadow", "bound", "torch float32"} <= set(labels)
 
 
 def test_mixer_port_passes_and_names_its_layers(reports):
@@ -89,7 +95,6 @@ def test_mapping_round_trip(reports, tmp_path):
 
 @pytest.mark.parametrize(("pair", "broken", "where"), [
     ("cnn", "eps", "1"),  # BatchNorm epsilon 1e-3 instead of 1e-5
-    ("cnn", "flatten", "between 1 and 6"),  # flattened NHWC (H, W, C) instead of (C, H, W)
     ("mixer", "gelu_tanh", "between channel_mlp.0 and channel_mlp.2"),  # jax.nn.gelu's default
     ("mixer", "eps", "norm2"),  # LayerNorm epsilon 1e-6 (Flax's default) instead of 1e-5
 ])

@@ -42,11 +42,33 @@ def _leaves(model) -> dict[int, str]:
             if name and next(m.children(), None) is None}
 
 
-def torch_forward(model, x, loss_fn: Callable | None = None) -> tuple[Any, list[TorchCall]]:
+def _substitute(output, value):
+    """``value`` forward, the gradient passed to ``output`` unchanged backward: a leaf's
+    output replaced by given values while the graph upstream of it stays connected."""
+    import torch
+
+    class Substitute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out, new):
+            return new.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    return Substitute.apply(output, torch.tensor(np.array(value), dtype=output.dtype))
+
+
+def torch_forward(model, x, loss_fn: Callable | None = None,
+                  replace: dict[str, np.ndarray] | None = None
+                  ) -> tuple[Any, list[TorchCall]]:
     """Run ``model(x)``, recording every leaf call in execution order; with ``loss_fn``
     (output -> scalar) also run the backward, filling each call's ``output.grad`` and the
-    parameters' ``.grad``. Returns (output or loss, calls)."""
+    parameters' ``.grad``. ``replace`` ({leaf call name: array in torch's layout}) substitutes
+    those leaves' outputs (the backward still reaches the layers before them).
+    Returns (output or loss, calls)."""
     names, calls, counts, pending, handles = _leaves(model), [], {}, {}, []
+    replace = replace or {}
 
     def pre_hook(module, args):
         pending[id(module)] = (args[0].detach().clone() if args else None, len(args) - 1)
@@ -55,12 +77,15 @@ def torch_forward(model, x, loss_fn: Callable | None = None) -> tuple[Any, list[
         base = names[id(module)]
         count = counts.get(base, 0)
         counts[base] = count + 1
-        passed = output.clone() if hasattr(output, "clone") else output
+        key = base if not count else f"{base}#{count}"
+        if key in replace and tuple(replace[key].shape) == tuple(output.shape):
+            passed = _substitute(output, replace[key])
+        else:
+            passed = output.clone() if hasattr(output, "clone") else output
         if getattr(passed, "requires_grad", False):
             passed.retain_grad()
         value, extra = pending.pop(id(module))
-        calls.append(TorchCall(base if not count else f"{base}#{count}", module, value, passed,
-                               extra))
+        calls.append(TorchCall(key, module, value, passed, extra))
         return passed
 
     for m in model.modules():

@@ -23,7 +23,13 @@ from jaxnets.errors import JaxnetsError
 from torchref.verify.capture import FlaxRunner, torch_forward
 from torchref.verify.checks import Row
 from torchref.verify.layerwise import compare_mode, prove_mapping
-from torchref.verify.mapping import Mapping, load_into_flax, propose, read_mapping
+from torchref.verify.mapping import (
+    Mapping,
+    load_into_flax,
+    propose,
+    prove_flatten_orders,
+    read_mapping,
+)
 from torchref.verify.pair import (
     LOSSES,
     MODES,
@@ -66,7 +72,13 @@ def verify_dtype(torch_model, flax_model, x: np.ndarray, targets, loss: str, dty
         used = read_mapping(mapping, pair.torch, pair.flax)
     else:
         used = propose(pair.torch, pair.flax, [c.name for c in t_calls], runner.order)
-    (load or (lambda t, f: load_into_flax(used, t, f)))(pair.torch, pair.flax)
+    load = load or (lambda t, f: load_into_flax(used, t, f))
+    load(pair.torch, pair.flax)
+    if not isinstance(mapping, Mapping) and not mapping:  # a proposal: prove flatten orders
+        flax_inputs = FlaxRunner(pair.flax).forward(
+            jnp.asarray(pair.to_flax(model_input(x, dtype))))[1]
+        if prove_flatten_orders(used, t_calls, flax_inputs):
+            load(pair.torch, pair.flax)
     rows = prove_mapping(pair, used, t_calls, seed)
     for mode in modes:
         rows += compare_mode(pair, used, x, targets, loss, mode)
@@ -81,7 +93,8 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
            modes: tuple[str, ...] = MODES, load: Callable | None = None) -> Report:
     """Verify that ``flax_model`` (an NNX module) computes what ``torch_model`` (an
     ``nn.Module``) computes. ``inputs``: a NumPy array in PyTorch's layout (4-D inputs reach
-    the Flax model as NHWC unless ``flax_layout="same"``). ``dtype``: "float32", "float64" or
+    the Flax model as NHWC unless ``flax_layout="same"``; ``"channels_last"`` moves the channel
+    axis last at every rank >= 3, NCL -> NLC for a Conv1d model). ``dtype``: "float32", "float64" or
     "both". ``modes``: eval and train (dropout off) by default. Returns a :class:`Report`
     (``passed``, ``first_divergent_layer``, ``verdict``, ``rows``); with ``out`` also writes
     report.json, report.md, mapping.toml and a figure. ``load(torch_model, flax_model)``, if

@@ -2,13 +2,16 @@
 an editable ``mapping.toml``, read back, and applied.
 
 The proposal pairs parameterised layers by execution order and kind (Linear/nnx.Linear,
-Conv2d/nnx.Conv, BatchNorm/nnx.BatchNorm, LayerNorm/nnx.LayerNorm, Embedding/nnx.Embed) and
-checks every converted shape; what it cannot pair it lists, it never guesses. The layout rules
-are the named functions of :mod:`jaxnets.convert`, each entry naming its rule.
+Conv2d/nnx.Conv, Conv1d/nnx.Conv with one spatial dim, BatchNorm/nnx.BatchNorm,
+LayerNorm/nnx.LayerNorm, Embedding/nnx.Embed) and checks every converted shape; what it
+cannot pair it lists, it never guesses. The layout rules are the named functions of
+:mod:`jaxnets.convert`, each entry naming its rule; the HWC flatten rule is proven on the
+layer's own input (:func:`prove_flatten_orders`).
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "same": np.array,  # a copy: a torch tensor's NumPy view would follow its in-place updates
     "linear_torch_to_flax": convert.linear_torch_to_flax,
     "conv_torch_to_flax": convert.conv_torch_to_flax,
+    "conv1d_torch_to_flax": convert.conv1d_torch_to_flax,
     "embedding_torch_to_flax": convert.embedding_torch_to_flax,
 }
 _NORM = {name: (flax, "same") for name, flax in convert.NORM_TORCH_TO_FLAX.items() if flax}
@@ -32,25 +36,49 @@ _NORM = {name: (flax, "same") for name, flax in convert.NORM_TORCH_TO_FLAX.items
 PARAM_RULES: dict[str, dict[str, tuple[str, str]]] = {
     "linear": {"weight": ("kernel", "linear_torch_to_flax"), "bias": ("bias", "same")},
     "conv": {"weight": ("kernel", "conv_torch_to_flax"), "bias": ("bias", "same")},
+    "conv1d": {"weight": ("kernel", "conv1d_torch_to_flax"), "bias": ("bias", "same")},
     "batchnorm": _NORM,
     "layernorm": _NORM,
     "embedding": {"weight": ("embedding", "embedding_torch_to_flax")},
 }
 DROPPED = {"num_batches_tracked"}  # torch bookkeeping with no Flax counterpart
+# the first Linear after a flatten, for a port that flattens NHWC: "linear_hwc_torch_to_flax(C,H,W)"
+HWC_RULE = "linear_hwc_torch_to_flax"
+_HWC = re.compile(rf"{HWC_RULE}\((\d+),(\d+),(\d+)\)")
+
+
+def hwc_rule(chw: tuple[int, int, int]) -> str:
+    return f"{HWC_RULE}({','.join(map(str, chw))})"
+
+
+def rule_chw(name: str) -> tuple[int, int, int] | None:
+    """(C, H, W) of an HWC flatten rule's name, else None."""
+    found = _HWC.fullmatch(name.replace(" ", ""))
+    return tuple(int(v) for v in found.groups()) if found else None
+
+
+def rule_function(name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The function a rule's name stands for (None for an unknown name)."""
+    chw = rule_chw(name)
+    if chw is not None:
+        return lambda weight: convert.linear_hwc_torch_to_flax(weight, chw)
+    return RULES.get(name)
 
 
 def torch_kind(module) -> str | None:
     from torch import nn
 
-    kinds = {nn.Linear: "linear", nn.Conv2d: "conv", nn.BatchNorm1d: "batchnorm",
-             nn.BatchNorm2d: "batchnorm", nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
+    kinds = {nn.Linear: "linear", nn.Conv2d: "conv", nn.Conv1d: "conv1d",
+             nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm",
+             nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
     return next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
 
 
 def flax_kind(module: nnx.Module) -> str | None:
     kinds = {nnx.Linear: "linear", nnx.Conv: "conv", nnx.BatchNorm: "batchnorm",
              nnx.LayerNorm: "layernorm", nnx.Embed: "embedding"}
-    return next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
+    kind = next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
+    return "conv1d" if kind == "conv" and len(module.kernel_size) == 1 else kind
 
 
 def torch_tensors(module) -> dict[str, np.ndarray]:
@@ -78,7 +106,7 @@ class Mapping:
     def to_toml(self) -> str:
         lines = ["# jaxnets verify: torch tensor -> Flax variable, and the layout rule that",
                  "# converts it. Edit and pass back with --mapping. Rules:",
-                 f"# {', '.join(RULES)}",
+                 f"# {', '.join(RULES)}, {HWC_RULE}(C,H,W)",
                  "", "[layers]  # torch module = flax module, in execution order"]
         lines += [f'"{t}" = "{f}"' for t, f in self.layers]
         lines += ["", "[params]"]
@@ -90,7 +118,14 @@ class Mapping:
 
     def torch_to_flax(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Torch-named tensors (weights or their gradients) -> Flax paths and layouts."""
-        return {f: RULES[r](tensors[t]) for t, (f, r) in self.params.items() if t in tensors}
+        return {f: rule_function(r)(tensors[t]) for t, (f, r) in self.params.items()
+                if t in tensors}
+
+    def input_to_flax(self, layer: str, array: np.ndarray) -> np.ndarray:
+        """A torch layer's input (or its gradient), already in the Flax model's layout, in
+        the order its Flax layer reads: flattened (C, H, W) -> (H, W, C) under the HWC rule."""
+        chw = rule_chw(self.params.get(f"{layer}.weight", ("", ""))[1])
+        return array if chw is None else convert.flat_chw_to_hwc(array, chw)
 
 
 def _modules(torch_model, flax_model) -> tuple[dict, dict]:
@@ -163,10 +198,14 @@ def read_mapping(path: str | Path, torch_model, flax_model) -> Mapping:
             problems.append(f"torch has no tensor {t}")
         if f not in flax_all:
             problems.append(f"flax has no variable {f}")
-        if rule not in RULES:
-            problems.append(f"{t}: unknown rule {rule!r} (known: {', '.join(RULES)})")
+        if rule_function(rule) is None:
+            problems.append(f"{t}: unknown rule {rule!r} (known: {', '.join(RULES)}, "
+                            f"{HWC_RULE}(C,H,W))")
         elif t in torch_all and f in flax_all:
-            converted = np.shape(RULES[rule](torch_all[t]))
+            try:
+                converted = np.shape(rule_function(rule)(torch_all[t]))
+            except ValueError:  # an HWC rule whose C*H*W is not the weight's input size
+                converted = None
             if converted != flax_all[f].shape:
                 problems.append(f"{t} {torch_all[t].shape} by {rule} gives {converted}, "
                                 f"flax {f} is {flax_all[f].shape}")
@@ -198,3 +237,44 @@ def set_flax_variables(flax_model: nnx.Module, values: dict[str, Any]) -> None:
         if name in values:
             updated.append((path, var.replace(np.asarray(values[name]).astype(var.value.dtype))))
     nnx.update(flax_model, nnx.from_flat_state(updated))
+
+
+def prove_flatten_orders(mapping: Mapping, torch_calls: list, flax_inputs: dict[str, Any]
+                         ) -> list[str]:
+    """For each Linear fed a flattened image (a 4-D activation of C*H*W values per example
+    earlier in the torch run), run it alone on its Flax input under both orders: the plain
+    transpose (a port that flattens in torch's (C, H, W) order) and the HWC rule (a port that
+    flattens NHWC). Where only the HWC rule reproduces torch's output, the mapping takes it.
+    Returns the torch layers switched to it."""
+    switched = []
+    for index, call in enumerate(torch_calls):
+        entry = mapping.params.get(f"{call.name}.weight")
+        flax_layer = dict(mapping.layers).get(call.name)
+        if entry is None or entry[1] != "linear_torch_to_flax" or flax_layer not in flax_inputs:
+            continue
+        weight = call.module.weight.detach().cpu().numpy().astype(np.float64)
+        chw = _flattened_shape(torch_calls[:index], weight.shape[1])
+        if chw is None:
+            continue
+        x = np.asarray(flax_inputs[flax_layer], np.float64)
+        want = call.output.detach().cpu().numpy().astype(np.float64)
+        bias = 0.0 if call.module.bias is None else call.module.bias.detach().cpu().numpy()
+        error = {rule: np.abs(x @ rule_function(rule)(weight) + bias - want).max()
+                 for rule in ("linear_torch_to_flax", hwc_rule(chw))}
+        # the right order reproduces torch's output up to rounding (~1e-7 relative in
+        # float32), the wrong one misses by the output's own size: 100x apart is no accident
+        if error[hwc_rule(chw)] * 100 < error["linear_torch_to_flax"]:
+            mapping.params[f"{call.name}.weight"] = (entry[0], hwc_rule(chw))
+            switched.append(call.name)
+    return switched
+
+
+def _flattened_shape(earlier: list, features: int) -> tuple[int, int, int] | None:
+    """(C, H, W) of the latest 4-D activation (a leaf's output or input) holding ``features``
+    values per example, or None."""
+    for call in reversed(earlier):
+        for tensor in (call.output, call.input):
+            shape = tuple(getattr(tensor, "shape", ()))
+            if len(shape) == 4 and shape[1] * shape[2] * shape[3] == features:
+                return shape[1:]
+    return None

@@ -12,7 +12,12 @@ import numpy as np
 from flax import nnx
 
 from jaxnets import losses as jax_losses
-from jaxnets.convert import activation_torch_to_flax
+from jaxnets.convert import (
+    activation_channels_first,
+    activation_channels_last,
+    activation_flax_to_torch,
+    activation_torch_to_flax,
+)
 from jaxnets.errors import JaxnetsError
 
 LOSSES = ("cross_entropy", "mse", "sum")
@@ -80,7 +85,13 @@ class Pair:
 
     def to_flax(self, array: np.ndarray) -> np.ndarray:
         """An activation in torch's layout -> the Flax model's layout."""
-        return activation_torch_to_flax(array) if self.layout == "nhwc" else array
+        return {"nhwc": activation_torch_to_flax, "channels_last": activation_channels_last
+                }.get(self.layout, np.asarray)(array)
+
+    def to_torch(self, array: np.ndarray) -> np.ndarray:
+        """An activation in the Flax model's layout -> torch's layout."""
+        return {"nhwc": activation_flax_to_torch, "channels_last": activation_channels_first
+                }.get(self.layout, np.asarray)(array)
 
 
 

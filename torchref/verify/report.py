@@ -139,32 +139,42 @@ def markdown(report: Report) -> str:
 
 
 def error_figure(report: Report):
-    """Forward max-abs error per mapped layer, propagated and shadow (eval mode), with
-    PyTorch's own float32 error and the bound; one panel per dtype."""
+    """Forward max-abs error per mapped layer, propagated and shadow, with PyTorch's own
+    float32 error and the bound: one panel per dtype (rows) and mode (columns: eval, train)."""
     from matplotlib.figure import Figure
 
     layers = [t for t, _ in report.mapping.layers]
     dtypes = [d for d in ("float32", "float64") if any(r.dtype == d for r in report.rows)]
-    if not layers or not dtypes:
+    modes = [m for m in ("eval", "train") if any(r.mode == f"propagated {m}"
+                                                 for r in report.rows)]
+    if not layers or not dtypes or not modes:
         return None
-    figure = Figure(figsize=(max(6, len(layers) * 0.7), 3.2 * len(dtypes)), layout="tight")
+    figure = Figure(figsize=(max(6, len(layers) * 0.7) * len(modes), 3.2 * len(dtypes)),
+                    layout="tight")
     for i, dtype in enumerate(dtypes):
-        axes = figure.add_subplot(len(dtypes), 1, i + 1)
-        for mode, style in (("propagated eval", "o-"), ("shadow eval", "s--")):
-            picked = {r.layer: r for r in report.rows
-                      if r.dtype == dtype and r.check == "forward" and r.mode == mode}
-            values = [max(picked[n].error, 1e-18) if n in picked else float("nan")
-                      for n in layers]
-            axes.semilogy(range(len(layers)), values, style, label=f"flax, {mode}")
-            if mode == "propagated eval":
-                bounds = [picked[n].bound if n in picked else float("nan") for n in layers]
-                axes.semilogy(range(len(layers)), bounds, ":", color="grey", label="bound")
-                if dtype == "float32":
-                    own = [max(picked[n].torch_error, 1e-18) if n in picked else float("nan")
-                           for n in layers]
-                    axes.semilogy(range(len(layers)), own, "x", color="black",
-                                  label="torch float32")
-        axes.set_xticks(range(len(layers)), layers, rotation=30, fontsize=7)
-        axes.set_ylabel(f"max-abs error ({dtype})")
-        axes.legend(fontsize=7)
+        for j, mode in enumerate(modes):
+            axes = figure.add_subplot(len(dtypes), len(modes), i * len(modes) + j + 1)
+            _error_panel(axes, report, layers, dtype, mode)
     return figure
+
+
+def _error_panel(axes, report: Report, layers: list[str], dtype: str, mode: str) -> None:
+    """One dtype and mode: Flax's error propagated and shadow, the bound, torch's own."""
+    def values(picked, what):
+        return [max(what(picked[n]), 1e-18) if n in picked else float("nan") for n in layers]
+
+    for how, style in (("propagated", "o-"), ("shadow", "s--")):
+        picked = {r.layer: r for r in report.rows
+                  if r.dtype == dtype and r.check == "forward" and r.mode == f"{how} {mode}"}
+        axes.semilogy(range(len(layers)), values(picked, lambda r: r.error), style,
+                      label=f"flax, {how}")
+        if how == "propagated":
+            axes.semilogy(range(len(layers)), values(picked, lambda r: r.bound), ":",
+                          color="grey", label="bound")
+            if dtype == "float32":
+                axes.semilogy(range(len(layers)), values(picked, lambda r: r.torch_error),
+                              "x", color="black", label="torch float32")
+    axes.set_xticks(range(len(layers)), layers, rotation=30, fontsize=7)
+    axes.set_ylabel(f"max-abs error ({dtype})")
+    axes.set_title(f"{mode} mode", fontsize=9)
+    axes.legend(fontsize=7)

@@ -98,6 +98,11 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
                 return t_name, f"not equivalent: first divergent layer {t_name}: " + \
                     _describe(own[0])
             previous = t_name
+        loss = [r for r in bad if r.layer == "loss"]
+        if loss and not any(r.layer == "output" for r in bad):
+            # every layer's output matched, so the loss function itself differs (summed for
+            # averaged, label smoothing): the wrong gradients below it are inherited from it
+            return "loss", f"not equivalent: the loss function: loss {_describe(loss[0])}"
         first = bad[0]
         where = "after the last mapped layer" if first.layer in ("output", "loss") \
             else first.layer

@@ -122,3 +122,46 @@ def test_conv1d_pair_is_mapped_and_passes():
                                      ("head", "out")]
     assert report.mapping.params["features.2.weight"] == ("second.kernel",
                                                           "conv1d_torch_to_flax")
+
+
+class PadOutside(torch.nn.Module):
+    """Pads with ``F.pad`` before a padding-free Conv2d (the port pads inside its conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.head = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+        return self.head(x.flatten(1))
+
+
+class PadInside(nnx.Module):
+    def __init__(self, act=nnx.relu, *, rngs: nnx.Rngs):
+        self.c = nnx.Conv(1, 4, (3, 3), padding=1, rngs=rngs)
+        self.h = nnx.Linear(4 * 36, 3, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        x = self.act(self.c(x))
+        return self.h(x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_padding_moved_into_the_layer(act):
+    """Where the conv's input differs in shape between the sides (padding outside torch's
+    layer, inside the port's), its input, proof and shadow rows are 'not comparable' notes
+    instead of a crash, and its output and the later layers are still judged: the correct port
+    passes, a wrong activation after it is still named."""
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((4, 1, 6, 6))
+    report = verify(PadOutside(), PadInside(getattr(nnx, act), rngs=nnx.Rngs(0)), x,
+                    dtype="float64")
+    notes = {(r.check, r.mode) for r in report.rows if r.verdict == "not comparable"}
+    assert ("proof", "alone, random input") in notes and ("input", "propagated eval") in notes
+    assert any(r.layer == "conv" and r.check == "forward" for r in report.rows)
+    if act == "relu":
+        assert report.passed, report.verdict
+    else:
+        assert report.first_divergent_layer == "between conv and head", report.verdict

@@ -24,6 +24,24 @@ from torchref.verify.pair import (
 )
 
 
+def boundary_row(t_name: str, f_name: str, mode: str, dtype: str, t_shape, f_shape,
+                 check: str = "input") -> Row:
+    """A passing note where a mapped layer's input differs in shape between the two sides
+    (e.g. torch pads with ``F.pad`` before its Conv2d, the port pads inside ``nnx.Conv``): the
+    layers' boundaries differ, so that layer's input and shadow rows cannot be compared;
+    its output, the layers after it and the whole-model rows still are."""
+    nothing = np.zeros(1)
+    row = judge(t_name, check, f"propagated {mode}" if check == "input" else
+                "alone, random input", dtype, nothing, nothing, nothing, "forward", f_name)
+    row.verdict = "not comparable"
+    row.detail = (f"the layers' boundaries differ (padding or reshaping outside one and inside "
+                  f"the other): torch's {t_name} " + (
+                      f"reads {tuple(t_shape)}, Flax's {f_name} {tuple(f_shape)}" if check ==
+                      "input" else f"on {tuple(t_shape)} gives Flax's {f_name} {tuple(f_shape)}")
+                  + "; the layer's rows that need one input for both are left out")
+    return row
+
+
 def _torch_alone(module, x: np.ndarray, cotangent: np.ndarray | None, dtype):
     """A torch layer alone (a copy: its running statistics stay): output, input grad, grads."""
     import torch
@@ -91,10 +109,13 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
         def to_in(a, t_name=t_name):  # an input in the order the Flax layer reads it
             return mapping.input_to_flax(t_name, pair.to_flax(a))
 
+        same_boundary = to_in(_np(t_call.input)).shape == tuple(f["inputs"][f_name].shape)
         # propagated: each side on its own previous output (the backward at Flax's, above)
         rows.append(judge(t_name, "input", f"propagated {m}", dtype,
                           np.asarray(f["inputs"][f_name]), to_in(_np(r_call.input)),
-                          to_in(_np(t_call.input)), "forward", f_name))
+                          to_in(_np(t_call.input)), "forward", f_name) if same_boundary else
+                    boundary_row(t_name, f_name, m, dtype, _np(t_call.input).shape,
+                                 f["inputs"][f_name].shape))
         rows.append(judge(t_name, "forward", f"propagated {m}", dtype,
                           np.asarray(f["outputs"][f_name]), pair.to_flax(_np(r_call.output)),
                           pair.to_flax(_np(t_call.output)), "forward", f_name))
@@ -102,6 +123,8 @@ def compare_mode(pair: Pair, mapping: Mapping, x: np.ndarray, target, loss: str,
                           np.asarray(f["output_grads"][f_name]),
                           pair.to_flax(_np(r_at[t_name].output.grad)),
                           pair.to_flax(_np(t_at[t_name].output.grad)), "backward", f_name))
+        if not same_boundary:
+            continue
         # shadow: the Flax layer alone on PyTorch's exact input and incoming gradient
         t_in, t_cot = _np(t_call.input), _np(t_call.output.grad)
         r_out_l, r_gin, r_pg = _torch_alone(r_call.module, model_input(t_in, "float64"),
@@ -203,6 +226,10 @@ def prove_mapping(pair: Pair, mapping: Mapping, t_calls, seed: int) -> list[Row]
         own = _torch_alone(module, x, None, getattr(torch, pair.dtype))[0]
         out = flax_layer_vjp(flax_modules[f_name], mapping.input_to_flax(t_name, pair.to_flax(x)),
                              None)[0]
+        if tuple(out.shape) != pair.to_flax(ref).shape:  # the layers' boundaries differ
+            rows.append(boundary_row(t_name, f_name, "", pair.dtype, x.shape, out.shape,
+                                     "proof"))
+            continue
         rows.append(judge(t_name, "proof", "alone, random input", pair.dtype, np.asarray(out),
                           pair.to_flax(ref), pair.to_flax(own), "forward", f_name))
     return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import traceback
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR",
                        help="continue the run in DIR (its latest checkpoint, or a checkpoint "
                             "directory) to the same weights an uninterrupted run reaches")
+    train.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="JAX on several processes (one per host or GPU): process 0's "
+                            "address (or JAXNETS_COORDINATOR); --devices is then the global "
+                            "count, and only process 0 writes the run")
+    train.add_argument("--num-processes", type=int, metavar="P",
+                       help="how many processes (or JAXNETS_NUM_PROCESSES)")
+    train.add_argument("--process-id", type=int, metavar="I",
+                       help="this process, 0 to P-1 (or JAXNETS_PROCESS_ID)")
     compare = sub.add_parser("compare", help="train in JAX and PyTorch side by side (main job)")
     _add_run_options(compare)
     compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -268,16 +277,28 @@ def _train_members(members: list[dict], framework: str, dataset, out: Path,
 
         # JAX places the data on jax_numerics' device, or on a mesh's devices
         extra = {"mesh": data_mesh(args.devices, args.device)} if args.devices != 1 else {}
-    for member_cfg in members:  # an ensemble trains differently seeded models, one by one
-        member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
-        trainer = Trainer(member_cfg, dataset, **extra)
+    import jax
 
-        def figures(where, rows, trainer=trainer, member_cfg=member_cfg):
-            return run_figures(where, member_cfg, dataset, {framework: rows},
-                               {framework: [trainer.predict]})
+    # several JAX processes: each takes every step of the run (training, evaluation, fetching
+    # the weights and the figures' predictions are collective), process 0 into `out`, the
+    # others silently into a scratch directory deleted at the end
+    writer = framework == "torch" or jax.process_index() == 0
+    with tempfile.TemporaryDirectory(prefix="jaxnets-process-") as scratch:
+        for member_cfg in members:  # an ensemble trains differently seeded models, one by one
+            member_out = out / f"seed{member_cfg['seed']}" if len(members) > 1 else out
+            trainer = Trainer(member_cfg, dataset, **extra)
 
-        fit(trainer, member_cfg, member_out, progress=not args.quiet,
-            save_every=args.save_every, resume=resume, figures=figures)
+            def figures(where, rows, trainer=trainer, member_cfg=member_cfg):
+                return run_figures(where, member_cfg, dataset, {framework: rows},
+                                   {framework: [trainer.predict]})
+
+            fit(trainer, member_cfg, member_out if writer else Path(scratch) / member_out.name,
+                progress=not args.quiet and writer, echo=print if writer else _silent,
+                save_every=args.save_every, resume=resume, figures=figures)
+
+
+def _silent(line: str) -> None:
+    """The echo of a process that does not report (not process 0 of several)."""
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -483,12 +504,29 @@ COMMANDS = {"list": _cmd_list, "train": _cmd_train, "compare": _cmd_compare,
             "download": _cmd_download, "verify": _cmd_verify}
 
 
+def _joins_processes(args: argparse.Namespace) -> bool:
+    """``train`` as one of several JAX processes (options or ``JAXNETS_COORDINATOR``)."""
+    from jaxnets.parallel import joins_processes
+
+    if not joins_processes(args.coordinator, args.num_processes, args.process_id):
+        return False
+    if args.framework == "torch":
+        raise ConfigError("--coordinator/JAXNETS_COORDINATOR start JAX processes; PyTorch "
+                          "trains on several processes through `torchrun -m torchref.ddp`")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "devices", 1) < 1:
             raise ConfigError(f"--devices {args.devices}: give 1 or more")
-        if getattr(args, "devices", 1) != 1:
+        if args.command == "train" and _joins_processes(args):  # before JAX starts
+            from jaxnets.parallel import join_processes
+
+            join_processes(args.devices, args.device, args.coordinator, args.num_processes,
+                           args.process_id)
+        elif getattr(args, "devices", 1) != 1:
             from jaxnets.parallel import request_host_devices
 
             if args.device == "cpu":  # before JAX starts: N host devices for the mesh

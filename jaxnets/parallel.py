@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any
 
-from jaxnets.errors import JaxnetsError
+from jaxnets.errors import ConfigError, JaxnetsError
 
 DATA_AXIS = "data"
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -135,3 +135,50 @@ def initialize_processes(coordinator: str | None = None, num_processes: int | No
         process_id = int(env["JAXNETS_PROCESS_ID"])
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
+
+
+def joins_processes(coordinator: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> bool:
+    """Whether this command is one process of several: an option given, or
+    ``JAXNETS_COORDINATOR`` in the environment."""
+    return (coordinator is not None or num_processes is not None or process_id is not None
+            or "JAXNETS_COORDINATOR" in os.environ)
+
+
+def join_processes(devices: int, device: str = "cpu", coordinator: str | None = None,
+                   num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Before JAX starts: join a run of several processes whose devices together are
+    ``devices`` (on a CPU each process asks XLA for its share, ``devices / processes`` host
+    devices), through :func:`initialize_processes`; a one-line error when JAX then sees
+    another global device count."""
+    if num_processes is None and "JAXNETS_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAXNETS_NUM_PROCESSES"])
+    if device == "cpu":
+        if num_processes is None or num_processes < 1 or devices % num_processes:
+            raise ConfigError(f"--devices {devices} on a CPU over {num_processes} processes: "
+                               f"give the process count (--num-processes or "
+                               f"JAXNETS_NUM_PROCESSES), and --devices a multiple of it")
+        request_host_devices(devices // num_processes)
+    initialize_processes(coordinator, num_processes, process_id)
+    import jax
+
+    seen = len(jax.devices())
+    if seen != devices:
+        raise ConfigError(f"--devices {devices}: the {jax.process_count()} processes have "
+                           f"{seen} device(s) together; give --devices {seen}")
+
+
+def fetch_global(tree):
+    """``tree`` with every array that spans several processes (not fully addressable)
+    replaced by its whole value, gathered with ``process_allgather``: every process must call
+    it at the same point. Arrays this process holds whole are returned as they are."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    def fetch(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return jnp.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return a
+
+    return jax.tree.map(fetch, tree)

@@ -25,7 +25,13 @@ from jaxnets.losses import LOSSES, METRICS, check_label_range
 from jaxnets.models import build_model
 from jaxnets.numerics import read_jax_numerics
 from jaxnets.optim import make_optimizer
-from jaxnets.parallel import describe_mesh, replicate, replicated, shard_batch_constraint
+from jaxnets.parallel import (
+    describe_mesh,
+    fetch_global,
+    replicate,
+    replicated,
+    shard_batch_constraint,
+)
 from jaxnets.report import EpochStats, check_finite, describe, split_epochs
 from jaxnets.spec import data_input_shape, model_layers
 
@@ -321,8 +327,8 @@ class Trainer:
 
     def weights(self) -> dict[str, np.ndarray]:
         """Current parameters and state as ``{"layers.0.kernel": array, "bn.mean": ...}``
-        (Flax names and layouts)."""
-        nnx.update(self.model, self.params, self.other)
+        (Flax names and layouts). With several processes every process calls it (a gather)."""
+        nnx.update(self.model, *fetch_global((self.params, self.other)))
         return flax_state(self.model)
 
     def load_weights(self, arrays: dict[str, np.ndarray]) -> None:
@@ -341,7 +347,7 @@ class Trainer:
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         """The Optax state as named arrays (the pytree paths), for a checkpoint."""
-        leaves = jax.tree_util.tree_flatten_with_path(self.opt_state)[0]
+        leaves = jax.tree_util.tree_flatten_with_path(fetch_global(self.opt_state))[0]
         return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
     def restore(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray]) -> None:

@@ -209,21 +209,77 @@ def test_jax_two_processes_equal_one_process_on_two_devices(jax_two_devices, tmp
     script = str(REPO / "parity_tests" / "distributed_processes.py")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     coordinator = f"127.0.0.1:{free_port()}"
-    commands = [[sys.executable, script, str(tmp_path / "two.npz"), coordinator, "2", str(i)]
-                for i in range(2)]
-    workers = [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for c in commands]
-    try:
-        errors = [w.communicate(timeout=240)[1] for w in workers]
-    finally:
-        for w in workers:  # none left behind, whatever happened
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for e in errors]
+    _run_together([([sys.executable, script, str(tmp_path / "two.npz"), coordinator, "2",
+                     str(i)], env) for i in range(2)])
     two, one = np.load(tmp_path / "two.npz"), np.load(jax_two_devices["mlp_reference"])
     assert (int(two["processes"]), int(two["devices"])) == (2, 2)
     assert len(two["step_losses"]) == 101
     assert set(two.files) - {"processes", "devices"} == set(one.files)
     for key in one.files:  # step losses and every weight
         assert np.array_equal(two[key], one[key]), key
+
+
+def _run_together(commands: list[tuple[list[str], dict]], timeout: float = 240
+                  ) -> list[str]:
+    """Start every (command, environment) at once and wait for all; their stdouts. Any
+    failure shows each one's stderr; none is left running, whatever happened."""
+    workers = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for c, e in commands]
+    try:
+        outputs = [w.communicate(timeout=timeout) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    assert [w.returncode for w in workers] == [0] * len(workers), [
+        err[-1500:] for _, err in outputs]
+    return [out for out, _ in outputs]
+
+
+def test_jaxnets_train_on_two_processes_writes_the_one_process_run(tmp_path):
+    """`jaxnets train --devices 2` as 2 processes x 1 CPU device (the JAXNETS_* environment)
+    and as 1 process x 2 devices, side by side: process 0 alone writes the run, and its
+    weights, checkpoint (optimizer state too) and metrics equal the one process's bit for bit."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from torchref.ddp import free_port
+
+    train = [sys.executable, "-m", "jaxnets", "train", "mlp_fashion", "--devices", "2",
+             "--train-limit", "400", "--epochs", "1", "--quiet", "--out"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    joined = {**env, "JAXNETS_COORDINATOR": f"127.0.0.1:{free_port()}",
+              "JAXNETS_NUM_PROCESSES": "2"}
+    scratch = tmp_path / "process1_tmp"  # process 1's TMPDIR: its scratch run directory
+    scratch.mkdir()
+    stdouts = _run_together(
+        [([*train, str(tmp_path / "two")], {**joined, "JAXNETS_PROCESS_ID": "0"}),
+         ([*train, str(tmp_path / "two")], {**joined, "JAXNETS_PROCESS_ID": "1",
+                                            "TMPDIR": str(scratch)}),
+         ([*train, str(tmp_path / "one")], env)])
+    assert "weights:" in stdouts[0] and "weights:" not in stdouts[1]
+    assert list(scratch.glob("jaxnets-process-*")) == []  # its scratch run is gone
+    two, one = tmp_path / "two", tmp_path / "one"
+    reports = [json.loads((d / "report.json").read_text()) for d in (two, one)]
+    assert [(r["parallel"]["devices"], r["parallel"]["processes"]) for r in reports] == [
+        (2, 2), (2, 1)]
+    for name in ("weights_jax.safetensors", "checkpoints/epoch-0001/weights.safetensors",
+                 "checkpoints/epoch-0001/optimizer.safetensors"):
+        a, b = load_file(two / name), load_file(one / name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+    # every metric row (train and test loss and accuracy) the same, but its seconds
+    rows = [[{k: v for k, v in row.items() if k != "seconds"} for row in r["epochs"]]
+            for r in reports]
+    assert rows[0] == rows[1]
+
+
+def test_train_devices_not_a_multiple_of_the_processes_is_one_line(capsys):
+    from jaxnets.cli import main
+
+    # refused before JAX starts or a coordinator is reached: in this process
+    assert main(["train", "mlp_fashion", "--devices", "3", "--num-processes", "2",
+                 "--process-id", "0", "--coordinator", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxnets: error: --devices 3 on a CPU over 2 processes") and \
+        err.count("\n") == 1, err

@@ -17,9 +17,11 @@ index batches are fed to both frameworks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -90,15 +92,30 @@ def load_idx_dir(directory: str | os.PathLike, name: str) -> Dataset:
 # ----------------------------------------------------------------------------- TFDS
 
 
+@contextlib.contextmanager
+def _private_tempdir() -> Iterator[None]:
+    """TFDS's ``DatasetInfo.initialize_from_bucket`` makes a ``tempfile.mkdtemp("tfds")`` it
+    never removes (an empty directory in $TMPDIR per load): TFDS runs with ``tempfile`` pointed
+    at a private directory that is removed afterwards."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="jaxnets-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def _tfds_arrays(name: str, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow_datasets as tfds  # imported lazily: only this path needs it
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # "no dataset_info.json" is our cue, not news
 
-    source = tfds.data_source(name, split=split, download=download,
-                              builder_kwargs={"file_format": "array_record"})
-    records = [source[i] for i in range(len(source))]
+    with _private_tempdir():
+        source = tfds.data_source(name, split=split, download=download,
+                                  builder_kwargs={"file_format": "array_record"})
+        records = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(r["image"], np.uint8).reshape(28, 28) for r in records])
     labels = np.asarray([int(r["label"]) for r in records], np.int64)
     return images, labels

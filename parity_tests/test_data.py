@@ -167,3 +167,16 @@ def test_cubic():
     np.testing.assert_allclose(x[:, 0], np.linspace(-1, 1, 100), atol=1e-7)
     noise = y - x**3
     assert noise.min() >= -1e-6 and noise.max() <= 0.3 + 1e-6
+
+
+def test_loading_leaves_no_tfds_directories_behind(fashion, tmp_path, monkeypatch):
+    """TFDS's offline probe makes a ``mkdtemp("tfds")`` it never removes; the loader runs it
+    in a private directory, so loading leaves $TMPDIR as it was."""
+    import tempfile
+
+    from jaxnets.data import load_images
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("JAXNETS_DATA_DIR", raising=False)
+    load_images("fashion_mnist")
+    assert [p.name for p in tmp_path.iterdir()] == []

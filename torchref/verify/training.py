@@ -1,10 +1,16 @@
-"""Optimizer steps: the user's ``torch.optim`` set-up against their Optax transformation.
+"""Optimizer steps: a ``torch.optim`` set-up against an Optax transformation, the one engine
+behind ``jaxnets verify --steps`` (the user's batch, repeated) and ``jaxnets parity``'s step and
+trajectory checks (a config's first K batches, one per step).
 
-K steps on the given batch (train mode, dropout off), twice: **free-running** (each side from
-its own previous step: accumulated drift) and **resynced** (before every step the Flax
-parameters and optimizer state are reset to PyTorch's, so each row is one step's own bias).
-Both are judged against PyTorch in float64 run from the same state. The optimizer state (Adam's
-m, v and step count, SGD's momentum buffer) is compared after the first and the last step.
+Each step twice: **resynced** (before the step the Flax parameters and optimizer state are
+reset to PyTorch's, so a row is that step's own bias; float32 passes within ``NOISE_MARGIN``
+times PyTorch float32's own error plus a floor, ``torchref.verify.checks``) and
+**free-running** (each side from its own previous steps: accumulated drift; float32 passes
+within the spread of an ensemble of one-ulp-moved PyTorch runs, ``torchref.verify.spread``).
+Both against PyTorch float64 run from the same state; float64 within the tight tolerances, with
+updates at the rounding level reported as undetermined. Train mode: batch statistics, the
+models' own dropout masks. The optimizer state is compared after the first and the last step,
+BatchNorm's running statistics after the last (``torchref.verify.state``).
 """
 
 from __future__ import annotations
@@ -24,36 +30,7 @@ from jaxnets.errors import JaxnetsError
 from torchref.verify.capture import flat
 from torchref.verify.checks import Row, judge
 from torchref.verify.spread import Ensemble, RunningVariance, undetermined
-
-# torch.optim state name -> the Optax state field holding the same quantity
-OPTAX_FIELDS = {"exp_avg": "mu", "exp_avg_sq": "nu", "step": "count",
-                "momentum_buffer": "trace"}
-
-
-def optax_slots(state: Any, found: dict | None = None) -> dict[str, Any]:
-    """``{"exp_avg": mu, "exp_avg_sq": nu, "step": count, "momentum_buffer": trace}`` from
-    wherever they sit in an Optax state (chains are tuples of named tuples)."""
-    found = {} if found is None else found
-    if hasattr(state, "_fields"):
-        for torch_name, field in OPTAX_FIELDS.items():
-            if field in state._fields:
-                found.setdefault(torch_name, getattr(state, field))
-    if isinstance(state, tuple):
-        for part in state:
-            optax_slots(part, found)
-    return found
-
-
-def replace_slots(state: Any, values: dict[str, Any]) -> Any:
-    """The Optax state with its slots replaced (the inverse of :func:`optax_slots`)."""
-    if hasattr(state, "_fields"):
-        changes = {f: values[t] for t, f in OPTAX_FIELDS.items()
-                   if f in state._fields and t in values}
-        state = state._replace(**changes)
-        return type(state)(*(replace_slots(p, values) for p in state))
-    if isinstance(state, tuple):
-        return tuple(replace_slots(p, values) for p in state)
-    return state
+from torchref.verify.state import replace_slots, running_stat_rows, slot_rows, torch_slots
 
 
 def _like(params: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
@@ -96,24 +73,6 @@ def _torch_step(model, optimizer, loss_fn, x) -> float:
     loss.backward()
     optimizer.step()
     return float(loss.detach())
-
-
-def _torch_slots(model, optimizer, mapping) -> dict[str, dict[str, np.ndarray]]:
-    """torch optimizer state per slot, in Flax paths and layouts."""
-    by_param = {p: n for n, p in model.named_parameters()}
-    slots: dict[str, dict[str, np.ndarray]] = {}
-    for param, state in optimizer.state.items():
-        for slot, value in state.items():
-            array = (value.detach().cpu().numpy().copy() if hasattr(value, "detach")
-                     else np.array(value))
-            slots.setdefault(slot, {})[by_param[param]] = array
-    out = {}
-    for slot, tensors in slots.items():
-        if slot == "step":
-            out[slot] = {"count": next(iter(tensors.values()))}
-        else:
-            out[slot] = mapping.torch_to_flax(tensors)
-    return out
 
 
 @dataclass
@@ -206,7 +165,7 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         members = [] if ensemble is None else ensemble.members
         if step <= resynced_steps:
             # resync: Flax and the float64 reference start this step from torch's state
-            start, start_slots = weights(pair.torch), _torch_slots(pair.torch, t_opt, mapping)
+            start, start_slots = weights(pair.torch), torch_slots(pair.torch, t_opt, mapping)
             synced.params = _like(synced.params, start)
             if start_slots:
                 synced.opt_state = replace_slots(synced.opt_state, {
@@ -270,67 +229,3 @@ def _copy_optimizer_state(source, target) -> None:
                                    v.is_floating_point() and v.dim() else v.clone()
                                    if torch.is_tensor(v) else v)
                                for k, v in source.state[p_src].items()}
-
-
-def slot_rows(trainer: FlaxTrainer, ref_optimizer, optimizer, pair, ref_model, mapping, back,
-              mode: str, ensemble: Ensemble | None = None) -> list[Row]:
-    """Adam's m, v and step count, or the momentum buffer, free-running Flax against torch
-    float64; in float32 torch float32 sets the noise bound, or the ``ensemble``'s spread."""
-    flax_slots = optax_slots(trainer.opt_state)
-    own = _torch_slots(pair.torch, optimizer, mapping)
-    ref = _torch_slots(ref_model, ref_optimizer, mapping)
-    members = [] if ensemble is None else [_torch_slots(m, o, mapping)
-                                           for m, o in ensemble.members]
-    rows = []
-    for slot, tensors in ref.items():
-        if slot not in flax_slots:
-            continue
-        value = flax_slots[slot]
-        if slot == "step":
-            rows.append(judge("optimizer", "state step count", mode, pair.dtype,
-                              np.asarray(value, np.float64), np.float64(tensors["count"]),
-                              np.float64(own[slot]["count"]), "state"))
-            continue
-        found = flat(value)
-        for name, array in tensors.items():
-            spread = None if ensemble is None else ensemble.measure(
-                f"{slot} {name}", [own[slot][name], *(m[slot][name] for m in members)], array)
-            rows.append(judge(back.get(name, name), f"state {slot}", mode, pair.dtype,
-                              found[name], array, own[slot][name], "state", name, spread))
-    return rows
-
-
-def running_stat_rows(trainer: FlaxTrainer, ref_model, variance: RunningVariance, pair,
-                      mapping, back, ensemble: Ensemble | None, steps: int) -> list[Row]:
-    """BatchNorm running statistics after the last step, free-running Flax against the
-    float64 reference. The running variance is compared in the convention nearer the Flax
-    value, torch's (unbiased batch variance, as the zoo's BatchNorm keeps it) or
-    nnx.BatchNorm's (biased, :class:`RunningVariance`); the row says which."""
-    found = {".".join(map(str, p)): np.asarray(v.get_value())
-             for p, v in nnx.to_flat_state(trainer.rest) if isinstance(v, nnx.BatchStat)}
-    buffers = [n for n, _ in ref_model.named_buffers() if n in mapping.params]
-
-    def stats(model):
-        return mapping.torch_to_flax({n: b.detach().cpu().numpy() for n, b in
-                                      model.named_buffers() if n in mapping.params})
-
-    ref, own = stats(ref_model), stats(pair.torch)
-    members = [] if ensemble is None else [stats(m) for m, _ in ensemble.members]
-    mode = f"running statistics after step {steps}"
-    rows = []
-    for torch_name in buffers:
-        name = mapping.params[torch_name][0]
-        if name not in found:
-            continue
-        reference, detail = ref[name], ""
-        if torch_name in variance.biased:
-            biased = mapping.torch_to_flax({torch_name: variance.biased[torch_name]})[name]
-            if np.abs(found[name] - biased).max() < np.abs(found[name] - reference).max():
-                reference, detail = biased, "in nnx.BatchNorm's convention (biased variance)"
-        spread = None if ensemble is None else ensemble.measure(
-            f"running {name}", [own[name], *(m[name] for m in members)], ref[name])
-        row = judge(torch_name, "state", mode, pair.dtype, found[name], reference, own[name],
-                    "trajectory" if steps > 1 else "state", name, spread)
-        row.detail = detail
-        rows.append(row)
-    return rows

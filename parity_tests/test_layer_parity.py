@@ -19,7 +19,7 @@ from torchref.parity import check_config
 LAYER_CONFIGS = ("resnet_gelu_fashion", "stride2_same_mnist", "vgg_bn_fashion")
 STEPS = 10
 CHECKS = ["forward", "loss", "gradients", "step", f"trajectory_{STEPS}_steps",
-          f"trajectory_{STEPS}_steps_weights"]
+          f"trajectory_{STEPS}_steps_weights", f"trajectory_{STEPS}_steps_state"]
 
 
 def assert_parity(checks):

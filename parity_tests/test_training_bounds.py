@@ -71,7 +71,7 @@ for name, lr in (("good", 1e-3), ("lr_1pc_high", 1.01e-3)):
     out[name] = {"passed": r.passed, "first": r.first_divergent_layer,
                  "undetermined": {row.layer: row.extra["undetermined"] for row in steps
                                   if "undetermined" in row.extra},
-                 "worst_bias_margin": max(row.margin for row in steps if row.flax_name == "conv.bias")}
+                 "bias_margin": max(r.margin for r in steps if r.flax_name == "conv.bias")}
 print(json.dumps(out))
 """
 

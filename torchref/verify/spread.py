@@ -111,6 +111,8 @@ class RunningVariance:
         return hook
 
     def before(self) -> dict[str, np.ndarray]:
+        """The running variances now (before a step); the step's batch counts are reset."""
+        self.counts.clear()
         return {f"{n}.running_var": m.running_var.detach().cpu().numpy().astype(np.float64)
                 for n, m in self.modules.items() if m.running_var is not None}
 
@@ -121,6 +123,8 @@ class RunningVariance:
         for name, old in before.items():
             layer = name.rpartition(".")[0]
             module = self.modules[layer]
+            if layer not in self.counts:  # not called in train mode this step
+                continue
             new = module.running_var.detach().cpu().numpy().astype(np.float64)
             step = torch_running_var_as_flax(new, old, module.momentum, self.counts[layer])
             self.biased[name] = step + (1 - module.momentum) * (self.biased[name] - old)

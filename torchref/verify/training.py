@@ -164,9 +164,11 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         batch = _batch(pair, np.asarray(x), target, loss)
         members = [] if ensemble is None else ensemble.members
         if step <= resynced_steps:
-            # resync: Flax and the float64 reference start this step from torch's state
+            # resync: Flax and the float64 reference start this step from torch's state (the
+            # first step from the loaded weights: a wrong ``load`` shows there)
             start, start_slots = weights(pair.torch), torch_slots(pair.torch, t_opt, mapping)
-            synced.params = _like(synced.params, start)
+            if step > 1:
+                synced.params = _like(synced.params, start)
             if start_slots:
                 synced.opt_state = replace_slots(synced.opt_state, {
                     slot: (jnp.asarray(v["count"], jnp.int32) if slot == "step"

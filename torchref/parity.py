@@ -23,6 +23,7 @@ from jaxnets import convert
 from jaxnets.data import Dataset, epoch_batches, load_dataset, model_arrays
 from jaxnets.report import write_json
 from torchref.numerics import numerics, read_numerics, tf32_summary, torch_device
+from torchref.verify.mapping import Mapping
 
 # The forward, loss and gradient checks' fixed tolerances (max-abs, Flax against PyTorch at
 # the same precision), each with its reason; the engine judges the same rows against PyTorch
@@ -145,6 +146,29 @@ def engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, d
     return checks, report.mapping
 
 
+class ConvertMapping(Mapping):
+    """The zoo's weight mapping: ``jaxnets.convert``'s name and layout rules, for every
+    parameter and BatchNorm statistic (the engine's proposal pairs standard layers only)."""
+
+    def torch_to_flax(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return convert.torch_to_flax({k: v for k, v in tensors.items() if k in self.params})
+
+
+def zoo_mapping(torch_model, flax_model, layers: list[tuple[str, str]]) -> ConvertMapping:
+    from flax import nnx
+
+    flax_names = set(convert.flat_arrays(nnx.state(flax_model, (nnx.Param, nnx.BatchStat))))
+    mapping = ConvertMapping(layers=layers)
+    for name, tensor in [*torch_model.named_parameters(), *torch_model.named_buffers()]:
+        try:
+            (flax_name,) = convert.torch_to_flax({name: tensor.detach().cpu().numpy()})
+        except (KeyError, ValueError, TypeError):  # no Flax twin (num_batches_tracked, draws)
+            continue
+        if flax_name in flax_names:
+            mapping.params[name] = (flax_name, "jaxnets.convert")
+    return mapping
+
+
 def trajectory_batches(cfg: dict[str, Any], dataset: Dataset, steps: int
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The config's first ``steps`` training batches (PyTorch layout), as its trainers draw
@@ -204,6 +228,8 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
                                     TOLERANCES[dtype], dtype)
     # one step (resynced: its own bias) and a K-step trajectory (free-running) on the config's
     # first K batches: the engine's training rows, bounds measured in the run
+    # the zoo's own mapping for the comparisons; ``converter`` sets the start under test
+    mapping = zoo_mapping(torch_side.model, jax_side.model, mapping.layers)
     rows = training_rows(Pair(torch_side.model, jax_side.model, dtype, "nhwc"), mapping,
                          trajectory_batches(cfg, dataset, steps), cfg["train"]["loss"],
                          lambda params: make_torch_optimizer(cfg["optimizer"], params),

@@ -149,6 +149,15 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         return mapping.torch_to_flax({n: p.detach().cpu().numpy()
                                       for n, p in model.named_parameters()})
 
+    def note_undetermined(trainer, reference) -> None:
+        """float64: add the entries whose gradient is at the rounding level in this step."""
+        if dtype != "float64":
+            return
+        ref_grads = mapping.torch_to_flax({n: p.grad.detach().cpu().numpy() for n, p in
+                                           reference.named_parameters() if p.grad is not None})
+        for name, mask in undetermined(flat(trainer.grads), ref_grads).items():
+            masks[name] = masks[name] | mask if name in masks else mask
+
     def param_row(mode, step, name, flax_value, ref, own=None, spread=None, kind="step"):
         mask = masks.get(name)
         row = judge(f"step {step}: {back[name]}", "step", mode, dtype,
@@ -180,12 +189,7 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
             _copy_optimizer_state(t_opt, r_opt)
             ref_loss = _torch_step(pair.reference, r_opt, batch.r_loss, batch.r_x)
             synced_loss = synced.step(batch.f_x, batch.f_target)
-            if dtype == "float64":
-                ref_grads = mapping.torch_to_flax({n: p.grad.detach().cpu().numpy() for n, p
-                                                   in pair.reference.named_parameters()
-                                                   if p.grad is not None})
-                for name, mask in undetermined(flat(synced.grads), ref_grads).items():
-                    masks[name] = masks[name] | mask if name in masks else mask
+            note_undetermined(synced, pair.reference)
         own_loss = _torch_step(pair.torch, t_opt, batch.t_loss, batch.t_x)
         if step <= resynced_steps:
             own, ref, found = weights(pair.torch), weights(pair.reference), flat(synced.params)
@@ -198,6 +202,7 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         free_loss = _torch_step(free_ref, f_opt, batch.r_loss, batch.r_x)
         variance.update(before)
         flax_loss_value = free.step(batch.f_x, batch.f_target)
+        note_undetermined(free, free_ref)
         member_losses = [_torch_step(m, o, batch.t_loss, batch.t_x) for m, o in members]
         ref, found = weights(free_ref), flat(free.params)
         kind = "step" if step == 1 else "trajectory"

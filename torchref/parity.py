@@ -3,9 +3,10 @@
 A front end of the verification engine (``torchref.verify``): for every config, from PyTorch's
 initial weights converted into the Flax model and identical inputs, the engine's layer-by-layer
 forward and backward (the zoo's pair as any user's pair), the loss, every parameter's gradient;
-then one optimizer step and a K-step training trajectory on identical batches. Each check
-records its max-abs and max-relative difference against a stated tolerance; a failed check
-names the first layer whose values differ beyond it, so a broken port points at its own bug.
+then one optimizer step and a K-step training trajectory on the config's first K batches (the
+engine's training rows, bounds measured in the run). Each check records its max-abs and
+max-relative difference against its tolerance; a failed check names the first layer whose
+values differ beyond it, so a broken port points at its own bug.
 """
 
 from __future__ import annotations

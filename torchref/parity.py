@@ -235,7 +235,8 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
                          trajectory_batches(cfg, dataset, steps), cfg["train"]["loss"],
                          lambda params: make_torch_optimizer(cfg["optimizer"], params),
                          make_optimizer(cfg["optimizer"]), resynced_steps=1,
-                         load=converter_load(converter), seed=cfg["seed"])
+                         load=converter_load(converter), seed=cfg["seed"],
+                         flax_apply=lambda model, x: model(x, train=True))
     free = [r for r in rows if r.mode == "free-running"]
     k = f"trajectory_{steps}_steps"
     checks += [rows_check(cfg, "step", [r for r in rows

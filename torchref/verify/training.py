@@ -41,15 +41,19 @@ def _like(params: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
 
 
 class FlaxTrainer:
-    """The Flax side: a jitted step (params, rest, opt_state) -> next, loss."""
+    """The Flax side: a jitted step (params, rest, opt_state) -> next, loss. ``apply(model,
+    x)`` runs the model in train mode (default ``model(x)`` after ``model.train()``; the zoo's
+    models take ``train=True`` as an argument)."""
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable,
+                 apply: Callable | None = None):
+        apply = apply or (lambda module, x: module(x))
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx, self.opt_state = tx, tx.init(self.params)
 
         def loss(params, rest, x, target):
             model = nnx.merge(self.graphdef, params, rest, copy=True)
-            value = loss_fn(model(x), target)
+            value = loss_fn(apply(model, x), target)
             return value, nnx.split(model, nnx.Param, ...)[2]
 
         def step(params, rest, opt_state, x, target):
@@ -111,14 +115,15 @@ def _masked(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss: str,
                   torch_optimizer: Callable, flax_optimizer: optax.GradientTransformation,
                   resynced_steps: int | None = None, load: Callable | None = None,
-                  seed: int = 0) -> list[Row]:
+                  seed: int = 0, flax_apply: Callable | None = None) -> list[Row]:
     """Rows for one step per ``(x, target)`` of ``batches`` (the user's batch repeated, or a
     config's first batches): resynced for the first ``resynced_steps`` (default all),
     free-running for all, with the optimizer state after the first and last step and the
     BatchNorm running statistics after the last. Train mode; dropout masks are the models' own
     (off for torch.nn/nnx Dropout, :func:`torchref.verify.pair.set_mode`; shared NumPy masks
     for the zoo's layers). ``load(torch_model, flax_model)`` sets the Flax weights instead of
-    the mapping. In float32 the free-running rows are judged against an :class:`Ensemble`; in
+    the mapping; ``flax_apply`` runs the Flax model in train mode (:class:`FlaxTrainer`).
+    In float32 the free-running rows are judged against an :class:`Ensemble`; in
     float64 updates at the rounding level are :func:`undetermined`."""
     import torch
 
@@ -139,8 +144,8 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
     f_opt = torch_optimizer(free_ref.parameters())
     variance = RunningVariance(free_ref)
     ensemble = Ensemble(pair.torch, torch_optimizer, seed=seed) if dtype == "float32" else None
-    free = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss))
-    synced = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss))
+    free = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss), flax_apply)
+    synced = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss), flax_apply)
     back = {f: t for t, (f, _) in mapping.params.items()}
     masks: dict[str, np.ndarray] = {}  # entries whose update is undetermined, so far
     rows = []

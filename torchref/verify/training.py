@@ -227,7 +227,10 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
             rows += slot_rows(free, f_opt, t_opt, pair, free_ref, mapping, back,
                               f"optimizer state after step {step}",
                               None if step == 1 else ensemble)
-    rows += running_stat_rows(free, free_ref, variance, pair, mapping, back, ensemble, steps)
+    found, ref = flat(free.params), weights(free_ref)
+    drift = max((np.abs(found[n][m] - ref[n][m]).max() for n, m in masks.items()), default=0.0)
+    rows += running_stat_rows(free, free_ref, variance, pair, mapping, back, ensemble, steps,
+                              float(drift))
     return rows
 
 

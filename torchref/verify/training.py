@@ -97,9 +97,10 @@ def _batch(pair, x: np.ndarray, target, loss: str) -> Batch:
 
     from torchref.verify.pair import model_input, torch_input, torch_loss
 
-    t_target = None if target is None else torch.tensor(np.asarray(target))
+    device = next(pair.torch.parameters()).device  # the model's (parity --device gpu)
+    t_target = None if target is None else torch.tensor(np.asarray(target), device=device)
     is_float = t_target is not None and t_target.is_floating_point()
-    return Batch(torch_input(x, pair.dtype), torch_input(x, "float64"),
+    return Batch(torch_input(x, pair.dtype).to(device), torch_input(x, "float64").to(device),
                  jnp.asarray(pair.to_flax(model_input(x, pair.dtype))),
                  None if target is None else (pair.to_flax(target.astype(pair.dtype))
                                               if target.dtype.kind == "f" else target),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 # torch.optim's defaults (Adam and AdamW share them).
@@ -53,6 +55,33 @@ def sgd_nesterov(lr: float, momentum: float, weight_decay: float = 0.0
     return _coupled_decay(weight_decay, optax.sgd(lr, momentum=momentum, nesterov=True))
 
 
+def adam_bias_correction(decay: float, count: jax.Array) -> jax.Array:
+    """``1 - decay**count`` to the precision of the run's float dtype, as torch.optim.Adam has
+    it from Python double. count: a scalar integer array (Optax's step count)."""
+    # Framework difference: Optax's 1 - b**t rounds b to float32 (1 - 0.999f is 1.3e-5 off),
+    # torch's is Python double; -expm1(t * log1p(-(1 - b))) with 1 - b taken in double is not.
+    return -jnp.expm1(count * jnp.log1p(-(1.0 - decay)))
+
+
+def scale_by_torch_adam(b1: float = BETA1, b2: float = BETA2, eps: float = EPS
+                        ) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` (same state, same moment updates and operation order) with the
+    bias corrections of :func:`adam_bias_correction` instead of Optax's float32 ones."""
+    base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        c1, c2 = adam_bias_correction(b1, count), adam_bias_correction(b2, count)
+        updates = jax.tree.map(lambda m, v: (m / c1.astype(m.dtype))
+                               / (jnp.sqrt(v / c2.astype(v.dtype)) + eps), mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(base.init, update_fn)
+
+
 def adam(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """torch.optim.Adam(lr, weight_decay): weight decay is *coupled* L2, ``wd * p`` added to the
     gradient before both moments (not AdamW)."""
@@ -60,9 +89,11 @@ def adam(lr: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
     # root in both (Optax's eps_root stays 0), after the bias correction of v in both.
     # FP order: torch lerps m + (1-b1)(g-m), Optax sums (1-b1) g + b1 m; torch divides
     # sqrt(v) / sqrt(1-b2^t), Optax takes sqrt(v / (1-b2^t)); torch steps by
-    # (lr / (1-b1^t)) * m / denom, Optax by -lr * ((m / (1-b1^t)) / denom); b^t is Python's
-    # pow of a float step in torch, XLA's pow of an int32 count in Optax.
-    return _coupled_decay(weight_decay, optax.adam(lr, b1=BETA1, b2=BETA2, eps=EPS))
+    # (lr / (1-b1^t)) * m / denom, Optax by -lr * ((m / (1-b1^t)) / denom). The corrections
+    # 1 - b^t: adam_bias_correction (optax.adam's own are float32-rounded). The chain has
+    # optax.adam's structure and state.
+    return _coupled_decay(weight_decay, optax.chain(scale_by_torch_adam(),
+                                                    optax.scale_by_learning_rate(lr)))
 
 
 def adamw(lr: float, weight_decay: float = 0.01) -> optax.GradientTransformation:
@@ -70,8 +101,10 @@ def adamw(lr: float, weight_decay: float = 0.01) -> optax.GradientTransformation
     step, on every parameter; the default 1e-2 is torch's (optax.adamw's own is 1e-4)."""
     # optax.adamw's default decay is 1e-4; both decay the old p by lr * wd (the paper: wd alone).
     # FP order: torch multiplies p by (1 - lr*wd) before its Adam step; Optax adds wd * p to
-    # the Adam direction and scales the sum by -lr. The Adam part differs as in adam().
-    return optax.adamw(lr, b1=BETA1, b2=BETA2, eps=EPS, weight_decay=weight_decay)
+    # the Adam direction and scales the sum by -lr. The Adam part differs as in adam(). The
+    # chain is optax.adamw's (scale_by_adam, add_decayed_weights, scale_by_learning_rate).
+    return optax.chain(scale_by_torch_adam(), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(lr))
 
 
 def make_optimizer(opt_cfg: dict[str, Any]) -> optax.GradientTransformation:

@@ -1,6 +1,6 @@
 """Parity for networks written in the layer vocabulary: the three configs beyond the seeds and
 layer lists hypothesis makes up, in float32 (here) and float64 (``jaxnets parity`` in its own
-process: x64 is a global JAX switch). Trajectories are 10 steps here (the seeds' 100-step runs
+process: x64 is a global JAX switch). Trajectories are 10 steps here (longer runs
 are in test_parity.py); ``jaxnets parity`` runs them longer (README)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchref.parity import check_config
 LAYER_CONFIGS = ("resnet_gelu_fashion", "stride2_same_mnist", "vgg_bn_fashion")
 STEPS = 10
 CHECKS = ["forward", "loss", "gradients", "step", f"trajectory_{STEPS}_steps",
-          f"trajectory_{STEPS}_steps_weights"]
+          f"trajectory_{STEPS}_steps_weights", f"trajectory_{STEPS}_steps_state"]
 
 
 def assert_parity(checks):

@@ -1,6 +1,11 @@
 """``jaxnets parity``: forward (layer by layer), loss, gradients, one optimizer step and a
-100-step trajectory agree for every config, in float32 and float64; and when a conversion is
-wrong, the report names the layer where it went wrong."""
+K-step trajectory agree for every config, in float32 (bounds measured in the run: PyTorch
+float32's own error for one step, an ensemble of one-ulp-moved PyTorch runs for trajectories)
+and float64; and when a conversion is wrong, the report names the layer where it went wrong.
+Trajectories: 100 steps for the two configs whose float32 drift the README explains (Adam's
+``mlp_fashion``, SGD's ``convnet_mnist``), 20 for the others (the same checks, a fifth of the
+cost); float64 5 steps, every config (the float64 fact, the same mathematics to 1e-12 per
+step, shows from the first step; longer runs: ``jaxnets parity --dtype float64``)."""
 
 from __future__ import annotations
 
@@ -27,13 +32,17 @@ def config_and_data(name, fashion):
     return cfg, load_generated(cfg["data"]["dataset"], cfg["data"]["seed"])
 
 
+LONG = {"mlp_fashion": 100, "convnet_mnist": 100}
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_float32_parity(name, fashion):
     cfg, data = config_and_data(name, fashion)
-    checks = check_config(cfg, data, "float32", steps=100)
-    assert [c.check for c in checks] == ["forward", "loss", "gradients", "step",
-                                         "trajectory_100_steps",
-                                         "trajectory_100_steps_weights"]
+    steps = LONG.get(name, 20)
+    checks = check_config(cfg, data, "float32", steps=steps)
+    k = f"trajectory_{steps}_steps"
+    assert [c.check for c in checks] == ["forward", "loss", "gradients", "step", k,
+                                         f"{k}_weights", f"{k}_state"]
     failed = [f"{c.check}: {c.max_abs_diff:.3g} > {c.tolerance:g} ({c.detail})"
               for c in checks if not c.passed]
     assert not failed, failed
@@ -42,15 +51,16 @@ def test_float32_parity(name, fashion):
 
 def test_float64_parity_cli(tmp_path):
     """Every config in float64 (its own process: x64 is a global JAX switch)."""
-    result = run_cli("parity", "--dtype", "float64", "--out", str(tmp_path), *CONFIGS)
+    result = run_cli("parity", "--dtype", "float64", "--steps", "5", "--out", str(tmp_path),
+                     *CONFIGS)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["dtype"] == "float64" and report["device"] == "cpu"
     failed = [c for c in report["checks"] if not c["passed"]]
     assert result.returncode == 0 and report["passed"] and not failed, (failed, result.stderr)
     assert {c["config"] for c in report["checks"]} == set(CONFIGS)
-    tolerances = {c["check"]: c["tolerance"] for c in report["checks"]}
-    assert tolerances["forward"] == 1e-12 and tolerances["gradients"] == 1e-10
-    assert tolerances["trajectory_100_steps"] == 1e-9
+    for c in report["checks"]:  # fixed, or the engine's tight bounds (relative to max(|ref|, 1))
+        expected = {"forward": 1e-12, "loss": 1e-12, "gradients": 1e-10}.get(c["check"])
+        assert c["tolerance"] == expected if expected else c["tolerance"] <= 1e-9 * 100, c
     assert (tmp_path / "report.md").read_text().startswith("# jaxnets parity: float64 on cpu")
 
 

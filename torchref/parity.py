@@ -3,18 +3,16 @@
 A front end of the verification engine (``torchref.verify``): for every config, from PyTorch's
 initial weights converted into the Flax model and identical inputs, the engine's layer-by-layer
 forward and backward (the zoo's pair as any user's pair), the loss, every parameter's gradient;
-then one optimizer step and a K-step training trajectory on identical batches. Each check
-records its max-abs and max-relative difference against a stated tolerance; a failed check
-names the first layer whose values differ beyond it, so a broken port points at its own bug.
+then one optimizer step and a K-step training trajectory on the config's first K batches (the
+engine's training rows, bounds measured in the run). Each check records its max-abs and
+max-relative difference against its tolerance; a failed check names the first layer whose
+values differ beyond it, so a broken port points at its own bug.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import platform
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +21,15 @@ from typing import Any
 import numpy as np
 
 from jaxnets import convert
-from jaxnets.data import Dataset, load_dataset, model_arrays
+from jaxnets.data import Dataset, epoch_batches, load_dataset, model_arrays
 from jaxnets.report import write_json
 from torchref.numerics import numerics, read_numerics, tf32_summary, torch_device
+from torchref.verify.mapping import Mapping
 
-# Tolerances (max-abs), each with its reason.
+# The forward, loss and gradient checks' fixed tolerances (max-abs, Flax against PyTorch at
+# the same precision), each with its reason; the engine judges the same rows against PyTorch
+# float64 too. The step and trajectory checks have no fixed tolerance: their bounds are the
+# engine's, measured in the run (torchref.verify.training, torchref.verify.spread).
 TOLERANCES = {
     "float32": {
         # one forward pass: a few float32 roundings (~6e-8 relative) per layer, summed over
@@ -36,64 +38,14 @@ TOLERANCES = {
         "loss": 1e-5,  # a mean of forward outputs through log-softmax: the forward's bound
         # backward sums over the batch as well: an order more accumulation than the forward
         "gradients": 1e-4,
-        # one update moves weights by ~lr; the rounding on top is far below 1e-5, except
-        # where Adam divides a gradient of size ~eps by itself (lr * 1e-2 at worst)
-        "step": 1e-5,
-        # 100 steps: the rounding of each step feeds the next; measured drifts are ~1e-5-1e-4
-        "trajectory": 1e-3,
-        "trajectory_weights": 1e-3,
     },
     "float64": {
         # float64 rounding is ~1e-16 relative: 1e-12 leaves room for accumulation only
         "forward": 1e-12,
         "loss": 1e-12,
         "gradients": 1e-10,  # the batch sum adds accumulation, as in float32
-        "step": 1e-12,
-        "trajectory": 1e-9,  # 100 steps of feedback on 1e-16-level rounding
-        "trajectory_weights": 1e-9,
     },
 }
-
-
-def tolerances(cfg: dict[str, Any], dtype: str, steps: int) -> dict[str, float]:
-    """The tolerances for one config. Adam in float32 gets wider step and trajectory bounds:
-    it divides each gradient entry by its own magnitude, lr * g / (|g| + eps), so an entry of
-    size ~1e-8 whose float32 rounding differs by ~1e-9 between the frameworks (their sums run in
-    different orders) moves by ~0.1 lr, and an entry near zero whose sign differs moves by 2 lr.
-    Float64 rounding is too small for that and keeps the common bounds."""
-    tol = dict(TOLERANCES[dtype])
-    if dtype == "float32" and cfg["optimizer"]["name"] in ("adam", "adamw"):
-        lr = cfg["optimizer"]["learning_rate"]
-        tol["step"] = 0.1 * lr  # measured: 2.0e-5 for mlp_fashion at lr 1e-3
-        tol["trajectory_weights"] = 2 * lr * steps  # worst case: a sign flip at every step
-        # measured: 3.8e-3 for mlp_fashion over 100 steps, while PyTorch against itself
-        # (batches reversed, one thread) stays at ~1e-7: see the README's parity section
-        tol["trajectory"] = 1e-2
-    return tol
-
-
-NOISE_MARGIN = 2.0
-
-
-def compared(torch_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The torch weights a JAX twin also holds: all but BatchNorm's ``num_batches_tracked``,
-    which Flax does not keep (``jaxnets.convert.drop_num_batches_tracked``)."""
-    return {k: v for k, v in torch_weights.items() if not k.endswith(".num_batches_tracked")}
-
-
-def weights_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(diffs(a[name], value)[0] for name, value in compared(b).items())
-
-
-def noise_bound(tolerance: float, floor: float | None) -> float:
-    """A training step or trajectory passes within its tolerance, or within twice the noise
-    floor where that is larger. Training amplifies rounding: over many steps (a max-pool
-    window whose two largest values differ by a rounding error routes its gradient to either),
-    and in one step through Adam's lr g / (|g| + eps) on tiny gradients. So two correct float32
-    implementations can differ by as much as PyTorch differs from itself when only its
-    summation order and kernels change. The floor is measured in the same run, never assumed;
-    in float64 it is ~1e-15 and the fixed tolerances decide."""
-    return tolerance if floor is None else max(tolerance, NOISE_MARGIN * floor)
 
 
 @dataclass
@@ -106,8 +58,10 @@ class Check:
     passed: bool
     first_divergent_layer: str | None = None
     detail: str = ""
-    # how far PyTorch drifts from itself when only the rounding changes (each batch reversed)
-    noise_floor: float | None = None
+    # step and trajectory checks: PyTorch float32's own error against float64 (one step), or
+    # the largest deviation of the ensemble of one-ulp-moved PyTorch runs (trajectories), of
+    # the row closest to its bound; None in float64 and for the fixed-tolerance checks
+    torch_noise: float | None = None
 
 
 def diffs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -126,77 +80,47 @@ def layer_of(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
-def _named_check(cfg, check, pairs: list[tuple[str, np.ndarray, np.ndarray]], tol,
-                 detail: str = "", noise_floor: float | None = None) -> Check:
-    """One check over named tensor pairs (in model order); the first over ``tol`` is named."""
-    worst_abs, worst_rel, first = 0.0, 0.0, None
-    for name, a, b in pairs:
-        abs_d, rel_d = diffs(a, b)
-        worst_abs, worst_rel = max(worst_abs, abs_d), max(worst_rel, rel_d)
-        if first is None and not abs_d <= tol:
-            first = name
-            detail = detail or f"{name}: max-abs difference {abs_d:.3g}"
-    return Check(cfg["name"], check, worst_abs, worst_rel, tol, first is None, first, detail,
-                 noise_floor)
-
-
 def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Dataset:
     """The first ``size`` training examples (all of them for the full-batch toys)."""
     count = len(dataset.train_x) if cfg["train"]["batch_size"] >= len(dataset.train_x) else size
     return dataset.head(count, count)
 
 
-@contextlib.contextmanager
-def other_kernels():
-    """PyTorch with oneDNN (mkldnn) off: its native CPU convolution kernels, which round
-    differently. The noise trainer trains inside this context."""
-    import torch
-
-    with warnings.catch_warnings():  # the flags also set oneDNN's TF32 and warn on a CPU build
-        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-
-
 def twins(cfg, dataset, dtype, device, converter):
-    """A JAX and a PyTorch trainer from the same weights, and a second PyTorch trainer from
-    those weights that sees every batch in reverse order and trains with oneDNN off (PyTorch's
-    other CPU convolution kernels; see :func:`other_kernels`): same mathematics, other float
-    rounding. How far PyTorch drifts from itself that way is the noise floor below which no
-    port can be asked to agree (see :func:`noise_bound`)."""
+    """A JAX and a PyTorch trainer (for their models) from the same initial weights."""
     from jaxnets.train import Trainer as JaxTrainer
     from torchref.train import Trainer as TorchTrainer
 
-    torch_device = "cuda" if device == "gpu" else "cpu"
-    torch_side = TorchTrainer(cfg, dataset, dtype=dtype, device=torch_device)
-    noise = None
-    if dtype == "float32":  # in float64 the floor is ~1e-15 and the fixed tolerances decide
-        noise = TorchTrainer(cfg, dataset, dtype=dtype, device=torch_device)
-        noise.model.load_state_dict(torch_side.model.state_dict())
-        noise.reverse_batches = True
+    torch_side = TorchTrainer(cfg, dataset, dtype=dtype,
+                              device="cuda" if device == "gpu" else "cpu")
     jax_side = JaxTrainer(cfg, dataset, dtype=dtype)
     jax_side.load_weights(converter(torch_side.weights()))
-    return jax_side, torch_side, noise
+    return jax_side, torch_side
+
+
+def converter_load(converter: Callable[[dict], dict]) -> Callable:
+    """``load(torch_model, flax_model)`` for the engine: the Flax weights from torch's
+    state_dict through ``converter`` (a test plants a wrong one)."""
+    def load(torch_model, flax_model):
+        weights = {k: v.detach().cpu().numpy().copy() for k, v in
+                   torch_model.state_dict().items()}
+        convert.load_flax_params(flax_model, converter(weights))
+    return load
 
 
 def engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, dtype
-                  ) -> list[Check]:
+                  ) -> tuple[list[Check], Any]:
     """The engine's rows (``torchref.verify``) for one config as parity's forward, loss and
     gradients checks. A check passes when the engine judges every row of it (the Flax side
     against PyTorch float64, within PyTorch's own float32 error; or float64's tolerances)
     *and* its largest Flax-vs-PyTorch difference stays within this module's fixed tolerance,
     as before the engine existed. ``converter`` puts the weights in (a test plants a wrong
-    one)."""
+    one). Returns the checks and the engine's weight mapping."""
     from torchref.verify.engine import verify
-
-    def load(torch_model, flax_model):
-        weights = {k: v.detach().cpu().numpy().copy() for k, v in
-                   torch_model.state_dict().items()}
-        convert.load_flax_params(flax_model, converter(weights))
 
     report = verify(torch_side.model, jax_side.model, torch_x, targets=torch_y,
                     loss=cfg["train"]["loss"], dtype=dtype, modes=("eval",),
-                    load=load)
+                    load=converter_load(converter))
     groups = {"forward": [r for r in report.rows if r.check in ("forward", "input", "proof")
                           and r.layer != "output"],
               "loss": [r for r in report.rows if r.check == "loss"],
@@ -220,7 +144,70 @@ def engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, d
             detail += f" (output max-abs {output.extra.get('vs_torch_max_abs', 0.0):.3g})"
         checks.append(Check(cfg["name"], name, worst_abs, worst_rel, tol[name], not bad, first,
                             detail.strip()))
-    return checks
+    return checks, report.mapping
+
+
+class ConvertMapping(Mapping):
+    """The zoo's weight mapping: ``jaxnets.convert``'s name and layout rules, for every
+    parameter and BatchNorm statistic (the engine's proposal pairs standard layers only)."""
+
+    def torch_to_flax(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return convert.torch_to_flax({k: v for k, v in tensors.items() if k in self.params})
+
+
+def zoo_mapping(torch_model, flax_model, layers: list[tuple[str, str]]) -> ConvertMapping:
+    from flax import nnx
+
+    flax_names = set(convert.flat_arrays(nnx.state(flax_model, (nnx.Param, nnx.BatchStat))))
+    mapping = ConvertMapping(layers=layers)
+    for name, tensor in [*torch_model.named_parameters(), *torch_model.named_buffers()]:
+        try:
+            (flax_name,) = convert.torch_to_flax({name: tensor.detach().cpu().numpy()})
+        except (KeyError, ValueError, TypeError):  # no Flax twin (num_batches_tracked, draws)
+            continue
+        if flax_name in flax_names:
+            mapping.params[name] = (flax_name, "jaxnets.convert")
+    return mapping
+
+
+def trajectory_batches(cfg: dict[str, Any], dataset: Dataset, steps: int
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The config's first ``steps`` training batches (PyTorch layout), as its trainers draw
+    them (``jaxnets.data.epoch_batches``; a full-batch config repeats its one batch)."""
+    bs = cfg["train"]["batch_size"]
+    data = dataset.head(min(len(dataset.train_x), steps * bs), 1)
+    x, y, _, _ = model_arrays(data, cfg, "torch")
+    plan: list[np.ndarray] = []
+    epoch = 0
+    while len(plan) < steps:
+        full, rest = epoch_batches(len(x), bs, cfg["seed"], epoch, cfg["train"]["shuffle"])
+        plan += [*full, *([] if rest is None else [rest])]
+        epoch += 1
+    return [(x[idx], y[idx]) for idx in plan[:steps]]
+
+
+def rows_check(cfg: dict[str, Any], name: str, rows: list) -> Check:
+    """One parity check from engine rows: passed when every row is within its bound; the
+    figures are those of the row closest to its bound; the first failing row is named. No
+    rows (plain SGD keeps no optimizer state, and no BatchNorm): nothing to compare, passed."""
+    if not rows:
+        return Check(cfg["name"], name, 0.0, 0.0, 0.0, True, None, "nothing to compare")
+    worst = max(rows, key=lambda r: r.margin)
+    bad = [r for r in rows if not r.passed]
+    first = None
+    if bad:
+        tensor = bad[0].layer.rpartition(": ")[2]
+        first = layer_of(tensor) if "." in tensor else bad[0].layer
+    shown = bad[0] if bad else worst
+    undetermined = sum(r.extra.get("undetermined", 0) for r in rows
+                       if r.layer.startswith("step 1:") or r.check != "step")
+    detail = (f"{shown.layer} ({shown.mode}): error {shown.error:.3g} against PyTorch "
+              f"float64, bound {shown.bound:.3g} ({shown.margin:.2g}x)"
+              + (f"; {undetermined} entries: update undetermined (gradient at rounding level)"
+                 if undetermined else ""))
+    return Check(cfg["name"], name, worst.error, worst.stats["max_rel"], worst.bound,
+                 not bad, first, detail,
+                 worst.torch_error if worst.dtype == "float32" else None)
 
 
 def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
@@ -228,62 +215,35 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
                  converter: Callable[[dict], dict] = convert.torch_to_flax) -> list[Check]:
     """Every check for one config. ``converter`` maps torch weights to Flax weights (a test
     passes a deliberately wrong one to see the report name the broken layer)."""
-    tol = tolerances(cfg, dtype, steps)
-    checks = []
-    batch = probe_batch(cfg, dataset)
-    jax_side, torch_side, _ = twins(cfg, batch, dtype, device, converter)
-    torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
+    from jaxnets.optim import make_optimizer
+    from torchref.optim import make_optimizer as make_torch_optimizer
+    from torchref.verify.pair import Pair
+    from torchref.verify.training import training_rows
 
+    batch = probe_batch(cfg, dataset)
+    jax_side, torch_side = twins(cfg, batch, dtype, device, converter)
+    torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
     # forward, loss and gradients: the verification engine, layer by layer, against PyTorch
     # in float64, on the zoo's pair as on any user's pair
-    checks += engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter, tol, dtype)
-
-    # one optimizer step on that batch (one full batch: batch_size = the batch)
-    step_cfg = copy.deepcopy(cfg)
-    step_cfg["train"]["batch_size"] = len(batch.train_x)
-    jax_side, torch_side, noise = twins(step_cfg, batch, dtype, device, converter)
-    for trainer in (jax_side, torch_side):
-        trainer.train_epoch(0, progress=False)
-    after, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
-    floor = None
-    if noise is not None:
-        with other_kernels():
-            noise.train_epoch(0, progress=False)
-        floor = weights_diff(noise.weights(), reference)
-    checks.append(_named_check(cfg, "step", [
-        (layer_of(name), after[name], w) for name, w in reference.items()],
-        noise_bound(tol["step"], floor), noise_floor=floor))
-
-    # a K-step trajectory on identical batches
-    bs = cfg["train"]["batch_size"]
-    limit = min(len(dataset.train_x), steps * bs)
-    traj_data = dataset.head(limit, 1)
-    per_epoch = math.ceil(limit / bs)
-    jax_side, torch_side, noise = twins(cfg, traj_data, dtype, device, converter)
-    epochs = range(math.ceil(steps / per_epoch))
-    jax_losses, torch_losses = (
-        np.concatenate([s.step_losses for s in t.train_epochs(epochs, False)])[:steps]
-        .astype(np.float64) for t in (jax_side, torch_side))
-    floor = None
-    if noise is not None:
-        with other_kernels():
-            noise_losses = np.concatenate([s.step_losses for s in
-                                           noise.train_epochs(epochs, False)])[:steps]
-        floor = float(np.abs(noise_losses.astype(np.float64) - torch_losses).max())
-    per_step = np.abs(jax_losses - torch_losses)
-    bound = noise_bound(tol["trajectory"], floor)
-    first_bad = np.flatnonzero(~(per_step <= bound))
-    checks.append(Check(
-        cfg["name"], f"trajectory_{len(per_step)}_steps", float(per_step.max()),
-        diffs(jax_losses, torch_losses)[1], bound, not len(first_bad), None,
-        f"per-step loss difference: step 1 {per_step[0]:.3g}, last {per_step[-1]:.3g}"
-        + (f"; first over tolerance at step {first_bad[0] + 1}" if len(first_bad) else ""),
-        floor))
-    final, reference = convert.flax_to_torch(jax_side.weights()), compared(torch_side.weights())
-    floor = None if noise is None else weights_diff(noise.weights(), reference)
-    checks.append(_named_check(cfg, f"trajectory_{len(per_step)}_steps_weights", [
-        (layer_of(name), final[name], w) for name, w in reference.items()],
-        noise_bound(tol["trajectory_weights"], floor), noise_floor=floor))
+    checks, mapping = engine_checks(cfg, jax_side, torch_side, torch_x, torch_y, converter,
+                                    TOLERANCES[dtype], dtype)
+    # one step (resynced: its own bias) and a K-step trajectory (free-running) on the config's
+    # first K batches: the engine's training rows, bounds measured in the run
+    # the zoo's own mapping for the comparisons; ``converter`` sets the start under test
+    mapping = zoo_mapping(torch_side.model, jax_side.model, mapping.layers)
+    rows = training_rows(Pair(torch_side.model, jax_side.model, dtype, "nhwc"), mapping,
+                         trajectory_batches(cfg, dataset, steps), cfg["train"]["loss"],
+                         lambda params: make_torch_optimizer(cfg["optimizer"], params),
+                         make_optimizer(cfg["optimizer"]), resynced_steps=1,
+                         load=converter_load(converter), seed=cfg["seed"],
+                         flax_apply=lambda model, x: model(x, train=True))
+    free = [r for r in rows if r.mode == "free-running"]
+    k = f"trajectory_{steps}_steps"
+    checks += [rows_check(cfg, "step", [r for r in rows
+                                         if r.mode == "resynced" and r.check == "step"]),
+               rows_check(cfg, k, [r for r in free if r.check == "loss"]),
+               rows_check(cfg, f"{k}_weights", [r for r in free if r.check == "step"]),
+               rows_check(cfg, f"{k}_state", [r for r in rows if r.check.startswith("state")])]
     return checks
 
 

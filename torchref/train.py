@@ -63,7 +63,6 @@ class Trainer:
         self.model = model if model is not None else build_model(
             cfg["model"], cfg["seed"], data_input_shape(cfg))
         self.model.to(device=self.device, dtype=self.dtype)
-        self.reverse_batches = False
         self.optimizer = make_optimizer(cfg["optimizer"], self.model.parameters())
         self.loss_fn = LOSSES[cfg["train"]["loss"]]()
         self.num_correct = METRICS[cfg["train"]["metric"]]
@@ -106,10 +105,7 @@ class Trainer:
         with tqdm(batches, desc=f"torch {describe(epochs)}", leave=False,
                   disable=not progress) as bar:
             for step, idx in enumerate(bar, 1):
-                # reverse_batches: the same batches, each in reverse order (same mean, other
-                # rounding): parity's measure of float32 noise
-                index = torch.from_numpy(idx[::-1].copy() if self.reverse_batches else idx
-                                         ).to(self.device)
+                index = torch.from_numpy(idx).to(self.device)
                 self.optimizer.zero_grad()
                 loss, loss_value, step_correct = self.batch_loss(index)
                 losses.append(loss_value)

@@ -110,17 +110,31 @@ class Row:
         return self.error / self.bound if self.bound else (0.0 if not self.error else math.inf)
 
 
+def ensemble_bound(spread: float, scale: float) -> float:
+    """A float32 trajectory's bound: ``TRAJECTORY_MARGIN`` times the largest deviation of an
+    ensemble of PyTorch runs from one-ulp-moved starts (``torchref.verify.spread``), plus the
+    floor of ``FLOOR_ULPS`` ulps of the reference's scale."""
+    from torchref.verify.spread import TRAJECTORY_MARGIN
+
+    return TRAJECTORY_MARGIN * spread + FLOOR_ULPS * FLOAT32_EPS * scale
+
+
 def judge(layer: str, check: str, mode: str, dtype: str, candidate: np.ndarray,
           reference: np.ndarray, torch_candidate: np.ndarray | None = None,
-          kind: str | None = None, flax_name: str = "") -> Row:
+          kind: str | None = None, flax_name: str = "", spread: float | None = None) -> Row:
     """Compare ``candidate`` (Flax) with ``reference`` (PyTorch float64). In float32
-    ``torch_candidate`` is PyTorch's own float32 result, which sets the noise bound; in float64
-    the tight tolerance of ``kind`` (default: the check's name) applies."""
+    ``torch_candidate`` is PyTorch's own float32 result, which sets the noise bound, or, where
+    ``spread`` is given, :func:`ensemble_bound` of it does; in float64 the tight tolerance of
+    ``kind`` (default: the check's name) applies."""
     stats = statistics(candidate, reference)
     if dtype == "float64":
         bound, torch_error = tight_bound(kind or check, stats["scale"]), 0.0
         passed = stats["max_abs"] <= bound
         verdict = "agrees" if passed else "bug"
+    elif spread is not None:
+        torch_error, bound = spread, ensemble_bound(spread, stats["scale"])
+        passed = stats["max_abs"] <= bound
+        verdict = "precision noise" if passed else "bug"
     else:
         torch_error = (statistics(torch_candidate, reference)["max_abs"]
                        if torch_candidate is not None else 0.0)

@@ -127,8 +127,9 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         from torchref.verify.training import training_rows
 
         for dt in dtypes:
-            rows += training_rows(Pair(torch_model, flax_model, dt, flax_layout), used, x,
-                                  targets, loss, torch_optimizer, flax_optimizer, steps)
+            rows += training_rows(Pair(torch_model, flax_model, dt, flax_layout), used,
+                                  [(x, targets)] * max(steps, 1), loss, torch_optimizer,
+                                  flax_optimizer, seed=seed)
     report = Report(rows=rows, mapping=used, torch_order=order, dtype=dtype)
     report.first_divergent_layer, report.verdict = first_divergence(report)
     report.passed = report.first_divergent_layer is None and not used.problems

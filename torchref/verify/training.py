@@ -1,16 +1,23 @@
-"""Optimizer steps: the user's ``torch.optim`` set-up against their Optax transformation.
+"""Optimizer steps: a ``torch.optim`` set-up against an Optax transformation, the one engine
+behind ``jaxnets verify --steps`` (the user's batch, repeated) and ``jaxnets parity``'s step and
+trajectory checks (a config's first K batches, one per step).
 
-K steps on the given batch (train mode, dropout off), twice: **free-running** (each side from
-its own previous step: accumulated drift) and **resynced** (before every step the Flax
-parameters and optimizer state are reset to PyTorch's, so each row is one step's own bias).
-Both are judged against PyTorch in float64 run from the same state. The optimizer state (Adam's
-m, v and step count, SGD's momentum buffer) is compared after the first and the last step.
+Each step twice: **resynced** (before the step the Flax parameters and optimizer state are
+reset to PyTorch's, so a row is that step's own bias; float32 passes within ``NOISE_MARGIN``
+times PyTorch float32's own error plus a floor, ``torchref.verify.checks``) and
+**free-running** (each side from its own previous steps: accumulated drift; float32 passes
+within the spread of an ensemble of one-ulp-moved PyTorch runs, ``torchref.verify.spread``).
+Both against PyTorch float64 run from the same state; float64 within the tight tolerances, with
+updates at the rounding level reported as undetermined. Train mode: batch statistics, the
+models' own dropout masks. The optimizer state is compared after the first and the last step,
+BatchNorm's running statistics after the last (``torchref.verify.state``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -22,36 +29,8 @@ from flax import nnx
 from jaxnets.errors import JaxnetsError
 from torchref.verify.capture import flat
 from torchref.verify.checks import Row, judge
-
-# torch.optim state name -> the Optax state field holding the same quantity
-OPTAX_FIELDS = {"exp_avg": "mu", "exp_avg_sq": "nu", "step": "count",
-                "momentum_buffer": "trace"}
-
-
-def optax_slots(state: Any, found: dict | None = None) -> dict[str, Any]:
-    """``{"exp_avg": mu, "exp_avg_sq": nu, "step": count, "momentum_buffer": trace}`` from
-    wherever they sit in an Optax state (chains are tuples of named tuples)."""
-    found = {} if found is None else found
-    if hasattr(state, "_fields"):
-        for torch_name, field in OPTAX_FIELDS.items():
-            if field in state._fields:
-                found.setdefault(torch_name, getattr(state, field))
-    if isinstance(state, tuple):
-        for part in state:
-            optax_slots(part, found)
-    return found
-
-
-def replace_slots(state: Any, values: dict[str, Any]) -> Any:
-    """The Optax state with its slots replaced (the inverse of :func:`optax_slots`)."""
-    if hasattr(state, "_fields"):
-        changes = {f: values[t] for t, f in OPTAX_FIELDS.items()
-                   if f in state._fields and t in values}
-        state = state._replace(**changes)
-        return type(state)(*(replace_slots(p, values) for p in state))
-    if isinstance(state, tuple):
-        return tuple(replace_slots(p, values) for p in state)
-    return state
+from torchref.verify.spread import Ensemble, RunningVariance, undetermined
+from torchref.verify.state import replace_slots, running_stat_rows, slot_rows, torch_slots
 
 
 def _like(params: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
@@ -62,27 +41,32 @@ def _like(params: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
 
 
 class FlaxTrainer:
-    """The Flax side: a jitted step (params, rest, opt_state) -> next, loss."""
+    """The Flax side: a jitted step (params, rest, opt_state) -> next, loss. ``apply(model,
+    x)`` runs the model in train mode (default ``model(x)`` after ``model.train()``; the zoo's
+    models take ``train=True`` as an argument)."""
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable,
+                 apply: Callable | None = None):
+        apply = apply or (lambda module, x: module(x))
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx, self.opt_state = tx, tx.init(self.params)
 
         def loss(params, rest, x, target):
             model = nnx.merge(self.graphdef, params, rest, copy=True)
-            value = loss_fn(model(x), target)
+            value = loss_fn(apply(model, x), target)
             return value, nnx.split(model, nnx.Param, ...)[2]
 
         def step(params, rest, opt_state, x, target):
             (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(params, rest, x,
                                                                           target)
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), rest, opt_state, value
+            return optax.apply_updates(params, updates), rest, opt_state, value, grads
 
         self._step = jax.jit(step)
+        self.grads = None  # the last step's gradients
 
     def step(self, x, target) -> float:
-        self.params, self.rest, self.opt_state, value = self._step(
+        self.params, self.rest, self.opt_state, value, self.grads = self._step(
             self.params, self.rest, self.opt_state, x, target)
         return float(value)
 
@@ -92,96 +76,162 @@ def _torch_step(model, optimizer, loss_fn, x) -> float:
     loss = loss_fn(model(x))
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
-def _torch_slots(model, optimizer, mapping) -> dict[str, dict[str, np.ndarray]]:
-    """torch optimizer state per slot, in Flax paths and layouts."""
-    by_param = {p: n for n, p in model.named_parameters()}
-    slots: dict[str, dict[str, np.ndarray]] = {}
-    for param, state in optimizer.state.items():
-        for slot, value in state.items():
-            array = (value.detach().cpu().numpy().copy() if hasattr(value, "detach")
-                     else np.array(value))
-            slots.setdefault(slot, {})[by_param[param]] = array
-    out = {}
-    for slot, tensors in slots.items():
-        if slot == "step":
-            out[slot] = {"count": next(iter(tensors.values()))}
-        else:
-            out[slot] = mapping.torch_to_flax(tensors)
-    return out
+@dataclass
+class Batch:
+    """One step's data as each side takes it: torch float32/float64 inputs and losses, the
+    Flax input and target."""
+
+    t_x: Any
+    r_x: Any
+    f_x: Any
+    f_target: Any
+    t_loss: Callable
+    r_loss: Callable
 
 
-def training_rows(pair, mapping, x: np.ndarray, target, loss: str, torch_optimizer: Callable,
-                  flax_optimizer: optax.GradientTransformation, steps: int) -> list[Row]:
-    """Rows for every step, free-running and resynced, and the optimizer state."""
+def _batch(pair, x: np.ndarray, target, loss: str) -> Batch:
+    import torch
+
+    from torchref.verify.pair import model_input, torch_input, torch_loss
+
+    device = next(pair.torch.parameters()).device  # the model's (parity --device gpu)
+    t_target = None if target is None else torch.tensor(np.asarray(target), device=device)
+    is_float = t_target is not None and t_target.is_floating_point()
+    return Batch(torch_input(x, pair.dtype).to(device), torch_input(x, "float64").to(device),
+                 jnp.asarray(pair.to_flax(model_input(x, pair.dtype))),
+                 None if target is None else (pair.to_flax(target.astype(pair.dtype))
+                                              if target.dtype.kind == "f" else target),
+                 torch_loss(loss, t_target.to(getattr(torch, pair.dtype)) if is_float
+                            else t_target),
+                 torch_loss(loss, t_target.double() if is_float else t_target))
+
+
+def _masked(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return np.asarray(array) if mask is None else np.asarray(array)[~mask]
+
+
+def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss: str,
+                  torch_optimizer: Callable, flax_optimizer: optax.GradientTransformation,
+                  resynced_steps: int | None = None, load: Callable | None = None,
+                  seed: int = 0, flax_apply: Callable | None = None) -> list[Row]:
+    """Rows for one step per ``(x, target)`` of ``batches`` (the user's batch repeated, or a
+    config's first batches): resynced for the first ``resynced_steps`` (default all),
+    free-running for all, with the optimizer state after the first and last step and the
+    BatchNorm running statistics after the last. Train mode; dropout masks are the models' own
+    (off for torch.nn/nnx Dropout, :func:`torchref.verify.pair.set_mode`; shared NumPy masks
+    for the zoo's layers). ``load(torch_model, flax_model)`` sets the Flax weights instead of
+    the mapping; ``flax_apply`` runs the Flax model in train mode (:class:`FlaxTrainer`).
+    In float32 the free-running rows are judged against an :class:`Ensemble`; in
+    float64 updates at the rounding level are :func:`undetermined`."""
     import torch
 
     from torchref.verify.mapping import load_into_flax
-    from torchref.verify.pair import flax_loss, model_input, set_mode, torch_input, torch_loss
+    from torchref.verify.pair import flax_loss, set_mode
 
     if torch_optimizer is None or flax_optimizer is None:
         raise JaxnetsError("optimizer steps need both torch_optimizer and flax_optimizer")
-    dtype, tdt = pair.dtype, getattr(torch, pair.dtype)
+    dtype, steps = pair.dtype, len(batches)
+    resynced_steps = steps if resynced_steps is None else resynced_steps
     for model in (pair.torch, pair.reference):
         set_mode(model, None, "train")
     set_mode(pair.torch, pair.flax, "train")
-    load_into_flax(mapping, pair.torch, pair.flax)
-    t_target = None if target is None else torch.tensor(target)
-    float_target = t_target is not None and t_target.is_floating_point()
-    t_loss = torch_loss(loss, t_target.to(tdt) if float_target else t_target)
-    r_loss = torch_loss(loss, t_target.double() if float_target else t_target)
-    f_target = None if target is None else (pair.to_flax(target.astype(dtype))
-                                            if target.dtype.kind == "f" else target)
-    t_x, r_x = torch_input(x, dtype), torch_input(x, "float64")
-    f_x = jnp.asarray(pair.to_flax(model_input(x, dtype)))
+    (load or (lambda t, f: load_into_flax(mapping, t, f)))(pair.torch, pair.flax)
     t_opt, r_opt = torch_optimizer(pair.torch.parameters()), torch_optimizer(
         pair.reference.parameters())
     free_ref = copy.deepcopy(pair.reference)  # float64, never resynced
     f_opt = torch_optimizer(free_ref.parameters())
-    free = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss))
-    synced = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss))
+    variance = RunningVariance(free_ref)
+    ensemble = Ensemble(pair.torch, torch_optimizer, seed=seed) if dtype == "float32" else None
+    free = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss), flax_apply)
+    synced = FlaxTrainer(pair.flax, flax_optimizer, flax_loss(loss), flax_apply)
     back = {f: t for t, (f, _) in mapping.params.items()}
+    masks: dict[str, np.ndarray] = {}  # entries whose update is undetermined, so far
     rows = []
 
     def weights(model):
         return mapping.torch_to_flax({n: p.detach().cpu().numpy()
                                       for n, p in model.named_parameters()})
 
-    def param_rows(mode, step, flax_params, ref, own):
-        """One row per parameter tensor (in the torch model's order), named "step K: name"."""
-        return [judge(f"step {step}: {back[n]}", "step", mode, dtype, flax_params[n], ref[n],
-                      own[n], "step", n) for n in ref]
+    def note_undetermined(trainer, reference) -> None:
+        """float64: add the entries whose gradient is at the rounding level in this step."""
+        if dtype != "float64":
+            return
+        ref_grads = mapping.torch_to_flax({n: p.grad.detach().cpu().numpy() for n, p in
+                                           reference.named_parameters() if p.grad is not None})
+        for name, mask in undetermined(flat(trainer.grads), ref_grads).items():
+            masks[name] = masks[name] | mask if name in masks else mask
 
-    for step in range(1, max(steps, 1) + 1):
-        # resync: Flax and the float64 reference start this step from torch's state
-        start, start_slots = weights(pair.torch), _torch_slots(pair.torch, t_opt, mapping)
-        synced.params = _like(synced.params, start)
-        if start_slots:
-            synced.opt_state = replace_slots(synced.opt_state, {
-                slot: (jnp.asarray(v["count"], jnp.int32) if slot == "step"
-                       else _like(synced.params, v)) for slot, v in start_slots.items()})
-        with torch.no_grad():
-            for (_, p64), (_, p32) in zip(pair.reference.named_parameters(),
-                                          pair.torch.named_parameters(), strict=True):
-                p64.copy_(p32.double())
-        _copy_optimizer_state(t_opt, r_opt)
-        own_loss = _torch_step(pair.torch, t_opt, t_loss, t_x)
-        ref_loss = _torch_step(pair.reference, r_opt, r_loss, r_x)
-        synced_loss = synced.step(f_x, f_target)
-        rows += param_rows("resynced", step, flat(synced.params), weights(pair.reference),
-                           weights(pair.torch))
-        rows.append(judge(f"step {step}", "loss", "resynced", dtype, np.float64(synced_loss),
-                          np.float64(ref_loss), np.float64(own_loss), "step"))
+    def param_row(mode, step, name, flax_value, ref, own=None, spread=None, kind="step"):
+        mask = masks.get(name)
+        row = judge(f"step {step}: {back[name]}", "step", mode, dtype,
+                    _masked(flax_value, mask), _masked(ref, mask),
+                    None if own is None else _masked(own, mask), kind, name, spread)
+        if mask is not None:
+            row.detail = (f"update undetermined (gradient at rounding level): {int(mask.sum())}"
+                          f" of {mask.size} entries, left out")
+            row.extra["undetermined"] = int(mask.sum())
+        return row
+
+    for step, (x, target) in enumerate(batches, 1):
+        batch = _batch(pair, np.asarray(x), target, loss)
+        members = [] if ensemble is None else ensemble.members
+        if step <= resynced_steps:
+            # resync: Flax and the float64 reference start this step from torch's state (the
+            # first step from the loaded weights: a wrong ``load`` shows there)
+            start, start_slots = weights(pair.torch), torch_slots(pair.torch, t_opt, mapping)
+            if step > 1:
+                synced.params = _like(synced.params, start)
+            if start_slots:
+                synced.opt_state = replace_slots(synced.opt_state, {
+                    slot: (jnp.asarray(v["count"], jnp.int32) if slot == "step"
+                           else _like(synced.params, v)) for slot, v in start_slots.items()})
+            with torch.no_grad():
+                for (_, p64), (_, p32) in zip(pair.reference.named_parameters(),
+                                              pair.torch.named_parameters(), strict=True):
+                    p64.copy_(p32.double())
+            _copy_optimizer_state(t_opt, r_opt)
+            ref_loss = _torch_step(pair.reference, r_opt, batch.r_loss, batch.r_x)
+            synced_loss = synced.step(batch.f_x, batch.f_target)
+            note_undetermined(synced, pair.reference)
+        own_loss = _torch_step(pair.torch, t_opt, batch.t_loss, batch.t_x)
+        if step <= resynced_steps:
+            own, ref, found = weights(pair.torch), weights(pair.reference), flat(synced.params)
+            rows += [param_row("resynced", step, n, found[n], ref[n], own[n]) for n in ref]
+            rows.append(judge(f"step {step}", "loss", "resynced", dtype,
+                              np.float64(synced_loss), np.float64(ref_loss),
+                              np.float64(own_loss), "step"))
         # free-running: each side from its own previous steps (accumulated drift)
-        _torch_step(free_ref, f_opt, r_loss, r_x)
-        free.step(f_x, f_target)
-        rows += param_rows("free-running", step, flat(free.params), weights(free_ref),
-                           weights(pair.torch))
-        if step in (1, max(steps, 1)):
+        before = variance.before()
+        free_loss = _torch_step(free_ref, f_opt, batch.r_loss, batch.r_x)
+        variance.update(before)
+        flax_loss_value = free.step(batch.f_x, batch.f_target)
+        note_undetermined(free, free_ref)
+        member_losses = [_torch_step(m, o, batch.t_loss, batch.t_x) for m, o in members]
+        ref, found = weights(free_ref), flat(free.params)
+        kind = "step" if step == 1 else "trajectory"
+        if ensemble is None:
+            rows += [param_row("free-running", step, n, found[n], r, kind=kind)
+                     for n, r in ref.items()]
+        else:
+            member_weights = [weights(m) for m in (pair.torch, *(m for m, _ in members))]
+            rows += [param_row("free-running", step, n, found[n], r, spread=ensemble.measure(
+                n, [_masked(w[n], masks.get(n)) for w in member_weights],
+                _masked(r, masks.get(n)))) for n, r in ref.items()]
+        rows.append(judge(f"step {step}", "loss", "free-running", dtype,
+                          np.float64(flax_loss_value), np.float64(free_loss), None, kind,
+                          spread=None if ensemble is None else ensemble.measure(
+                              "loss", [own_loss, *member_losses], np.float64(free_loss))))
+        if step in (1, steps):
             rows += slot_rows(free, f_opt, t_opt, pair, free_ref, mapping, back,
-                              f"optimizer state after step {step}")
+                              f"optimizer state after step {step}",
+                              None if step == 1 else ensemble)
+    found, ref = flat(free.params), weights(free_ref)
+    drift = max((np.abs(found[n][m] - ref[n][m]).max() for n, m in masks.items()), default=0.0)
+    rows += running_stat_rows(free, free_ref, variance, pair, mapping, back, ensemble, steps,
+                              float(drift))
     return rows
 
 
@@ -195,27 +245,3 @@ def _copy_optimizer_state(source, target) -> None:
                                    v.is_floating_point() and v.dim() else v.clone()
                                    if torch.is_tensor(v) else v)
                                for k, v in source.state[p_src].items()}
-
-
-def slot_rows(trainer: FlaxTrainer, ref_optimizer, optimizer, pair, ref_model, mapping, back,
-              mode: str) -> list[Row]:
-    """Adam's m, v and step count, or the momentum buffer, free-running Flax against torch
-    float64 (torch float32 sets the noise bound)."""
-    flax_slots = optax_slots(trainer.opt_state)
-    own = _torch_slots(pair.torch, optimizer, mapping)
-    ref = _torch_slots(ref_model, ref_optimizer, mapping)
-    rows = []
-    for slot, tensors in ref.items():
-        if slot not in flax_slots:
-            continue
-        value = flax_slots[slot]
-        if slot == "step":
-            rows.append(judge("optimizer", "state step count", mode, pair.dtype,
-                              np.asarray(value, np.float64), np.float64(tensors["count"]),
-                              np.float64(own[slot]["count"]), "state"))
-            continue
-        found = flat(value)
-        for name, array in tensors.items():
-            rows.append(judge(back.get(name, name), f"state {slot}", mode, pair.dtype,
-                              found[name], array, own[slot][name], "state", name))
-    return rows

@@ -89,3 +89,24 @@ def test_float64_adam_on_a_bias_before_batchnorm_is_undetermined_not_failed():
     assert good["passed"], good
     assert any(layer.endswith(": 0.bias") for layer in good["undetermined"]), good
     assert not bad["passed"] and bad["first"].startswith("step 1: "), bad
+
+
+def test_resync_copies_the_optimizer_state_in_float64():
+    """The resync gives the float64 reference copies of torch's optimizer state: in a float64
+    run ``.double()`` returns the tensor itself, and one side's step would then move the
+    other's buffers (the catalogue's stateful optimizers failed float64 at step 2 that way)."""
+    import torch
+
+    from torchref.verify.training import _copy_optimizer_state
+
+    source_p, target_p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64)), \
+        torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    source = torch.optim.Adam([source_p], lr=0.1)
+    target = torch.optim.Adam([target_p], lr=0.1)
+    source_p.grad = torch.full((3,), 0.5, dtype=torch.float64)
+    source.step()
+    _copy_optimizer_state(source, target)
+    copied, original = target.state[target_p], source.state[source_p]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(copied[key], original[key])
+        assert copied[key].data_ptr() != original[key].data_ptr(), key

@@ -236,12 +236,14 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
 
 
 def _copy_optimizer_state(source, target) -> None:
-    """torch float32 optimizer state -> the float64 reference optimizer (same order)."""
+    """torch optimizer state -> the float64 reference optimizer (same order), as copies:
+    ``.double()`` of a float64 tensor is the tensor itself, and the candidate's next step would
+    then update the reference's buffers in place."""
     import torch
 
     for p_src, p_dst in zip(source.state.keys(), list(target.param_groups[0]["params"]),
                             strict=False):
-        target.state[p_dst] = {k: (v.detach().double() if torch.is_tensor(v) and
+        target.state[p_dst] = {k: (v.detach().to(torch.float64, copy=True) if torch.is_tensor(v) and
                                    v.is_floating_point() and v.dim() else v.clone()
                                    if torch.is_tensor(v) else v)
                                for k, v in source.state[p_src].items()}

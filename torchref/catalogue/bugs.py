@@ -63,8 +63,12 @@ def _loss(name, loss, wrote) -> Bug:
 BOTH = ("eval", "train")
 CATALOGUE: list[Bug] = [
     # ---- the model (a Flax-side mutation of the port)
-    _model("flatten_hwc", "convnet", "flatten the NHWC map as it is (H, W, C), torch flattens "
-           "(C, H, W)", "between 1 and 6"),
+    # The engine proves a port's flatten order and proposes the HWC rule for its first Linear
+    # (jaxnets.convert.linear_hwc_torch_to_flax), so the bug is the pair: an HWC flatten with
+    # the porter's plain conversion of that Linear.
+    Bug("flatten_hwc", "model", "convnet", "flatten the NHWC map as it is (H, W, C), torch "
+        "flattens (C, H, W), and convert the next Linear with the plain transpose", "6",
+        switch="flatten_hwc", loader="plain_conversion"),
     _model("bn_momentum_convention", "convnet", "nnx.BatchNorm(momentum=0.1), torch's "
            "momentum copied; Flax's momentum weighs the old value (0.9)", "1", ("train",)),
     # The engine takes nnx.BatchNorm's biased running variance as the correct port

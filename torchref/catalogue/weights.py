@@ -61,5 +61,12 @@ def dropped_bias(torch_model) -> dict[str, np.ndarray]:
     return {"hidden.bias": np.zeros_like(_tensor(torch_model, "6.bias"))}
 
 
+def plain_conversion(torch_model, flax_model) -> None:
+    """Every Linear converted with the plain transpose: right for a port that flattens in
+    torch's (C, H, W) order, wrong for one that flattens its NHWC map as it is."""
+    load_into_flax(CONVNET, torch_model, flax_model)
+
+
 LOADERS: dict[str, Callable] = {f.__name__: _planted(f) for f in (
     square_linear_untransposed, conv_kernel_spatial_swap, conv_kernel_flipped, dropped_bias)}
+LOADERS["plain_conversion"] = plain_conversion

@@ -57,6 +57,8 @@ def test_correct_port_passes_with_its_optimizer(optimizer):
 @pytest.mark.parametrize("name", [
     "same_padding_stride2",  # model
     "dropout_in_eval",  # mode
+    "bn_train_eval_mismatch",  # mode: a layer called differently in the model than alone
+    "maxpool_tie_routing",  # model: the backward "between" rule
     "square_linear_untransposed",  # weights
     "nesterov_look_ahead",  # optimizer
     "label_smoothing",  # loss

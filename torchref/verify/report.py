@@ -97,12 +97,22 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
             if own:
                 return t_name, f"not equivalent: first divergent layer {t_name}: " + \
                     _describe(own[0])
+            called = [r for r in layer_rows if r.check == "forward"
+                      and r.mode.startswith("propagated")]
+            if called:  # its input matches and alone it agrees: the call differs (a flag)
+                return t_name, (f"not equivalent: first divergent layer {t_name}, as called in "
+                                f"the model (its input matches and, run alone, it agrees: check "
+                                f"what it is called with, e.g. a train/eval flag): "
+                                + _describe(called[0]))
             previous = t_name
         loss = [r for r in bad if r.layer == "loss"]
         if loss and not any(r.layer == "output" for r in bad):
             # every layer's output matched, so the loss function itself differs (summed for
             # averaged, label smoothing): the wrong gradients below it are inherited from it
             return "loss", f"not equivalent: the loss function: loss {_describe(loss[0])}"
+        backward = _backward_entry(report, bad)
+        if backward is not None:
+            return backward
         first = bad[0]
         where = "after the last mapped layer" if first.layer in ("output", "loss") \
             else first.layer
@@ -115,6 +125,26 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
     return None, (f"equivalent: {len(report.rows)} checks, every one {what}"
                   + (f"; closest: {worst.layer} {worst.check} ({worst.mode}, {worst.dtype}) at "
                      f"{worst.margin:.2g}x its bound" if worst else ""))
+
+
+def _backward_entry(report: Report, bad: list[Row]) -> tuple[str, str] | None:
+    """Where a backward divergence enters when every forward row and every layer alone
+    agrees: after the last layer (in execution order) whose incoming gradient differs, the
+    gradient reaching the next layer's output still matched, so the code between the two (a
+    functional pool, a reshape) differentiates differently: the backward "between" rule."""
+    layers = [t for t, _ in report.mapping.layers]
+    failing = [t for t in layers if any(r.layer == t and r.check == "backward" and
+                                        r.mode.startswith("propagated") for r in bad)]
+    if not failing:
+        return None
+    last = failing[-1]
+    row = next(r for r in bad if r.layer == last and r.check == "backward")
+    after = layers[layers.index(last) + 1] if last != layers[-1] else None
+    where = f"between {last} and {after}" if after else f"between {last} and the loss"
+    return where, (f"not equivalent: the backward divergence enters in code that is no mapped "
+                   f"layer, {where} (the gradient reaching "
+                   + (f"{after}'s output still matches" if after else "the output matches")
+                   + f", the one reaching {last}'s output does not): {last} {_describe(row)}")
 
 
 def _between(order: list[str], previous: str | None, layer: str, unmapped: list[str]

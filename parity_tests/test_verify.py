@@ -266,3 +266,16 @@ def test_running_variance_difference_is_named():
     assert np.abs(named - flax_var).max() < 1e-6  # float32 rounding of values ~1
     renamed = norm_state_torch_to_flax({k: v.numpy() for k, v in torch_bn.state_dict().items()})
     assert sorted(renamed) == ["bias", "mean", "scale", "var"]  # num_batches_tracked dropped
+
+
+def test_float64_verify_leaves_x64_as_it_found_it():
+    """verify(dtype="float64") scopes JAX's x64 mode to its own checks: float32 work in the same
+    process afterwards stays float32 (it used to switch x64 on for the whole process)."""
+    import jax
+
+    assert not jax.config.jax_enable_x64
+    x = np.random.default_rng(0).standard_normal((2, 1, 14, 14)).astype(np.float32)
+    report = verify(cnn.make_torch(), cnn.make_flax(), x, dtype="float64", modes=("eval",))
+    assert report.passed, report.verdict
+    assert not jax.config.jax_enable_x64
+    assert jax.numpy.zeros(()).dtype == np.float32

@@ -106,8 +106,6 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         raise JaxnetsError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
     x = np.asarray(inputs)
     dtypes = ["float32", "float64"] if dtype == "both" else [dtype]
-    if "float64" in dtypes and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
     with torch.no_grad():
         try:
             own = next(torch_model.parameters(), torch.zeros(())).dtype  # the model's dtype
@@ -120,22 +118,30 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
         targets = make_targets(loss, probe, seed)
     rows, used, order = [], None, []
     for dt in dtypes:
-        dt_rows, used, order = verify_dtype(torch_model, flax_model, x, targets, loss, dt,
-                                            flax_layout, used or mapping, seed, modes, load)
+        with _x64(dt):
+            dt_rows, used, order = verify_dtype(torch_model, flax_model, x, targets, loss, dt,
+                                                flax_layout, used or mapping, seed, modes, load)
         rows += dt_rows
     if steps or torch_optimizer is not None:
         from torchref.verify.training import training_rows
 
         for dt in dtypes:
-            rows += training_rows(Pair(torch_model, flax_model, dt, flax_layout), used,
-                                  [(x, targets)] * max(steps, 1), loss, torch_optimizer,
-                                  flax_optimizer, seed=seed)
+            with _x64(dt):
+                rows += training_rows(Pair(torch_model, flax_model, dt, flax_layout), used,
+                                      [(x, targets)] * max(steps, 1), loss, torch_optimizer,
+                                      flax_optimizer, seed=seed)
     report = Report(rows=rows, mapping=used, torch_order=order, dtype=dtype)
     report.first_divergent_layer, report.verdict = first_divergence(report)
     report.passed = report.first_divergent_layer is None and not used.problems
     if out is not None:
         report.write(out)
     return report
+
+
+def _x64(dtype: str):
+    """JAX's x64 mode on exactly for the float64 checks, scoped: a float64 verify leaves the
+    caller's process as it found it (float32 work beside it stays float32)."""
+    return jax.enable_x64(dtype == "float64")
 
 
 def assert_port_equivalent(*args, **kwargs) -> Report:

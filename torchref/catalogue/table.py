@@ -61,18 +61,10 @@ def check_kind(row: Row) -> str:
 
 
 def verdict_row(report, dtype: str) -> Row | None:
-    """The failed row the report's first divergent location rests on."""
-    failed = [r for r in report.rows if r.dtype == dtype and not r.passed]
-    where = report.first_divergent_layer or ""
-    if where.startswith(("between", "before")):
-        layer, earlier = where.split()[-1], where.split()[1]
-        entering = (r for r in failed if r.layer == layer and r.check == "input")
-        # the backward "between" rule rests on the earlier layer's incoming gradient
-        backward = (r for r in failed if r.layer == earlier and r.check == "backward")
-        return next(entering, None) or next(backward, None)
-    mine = [r for r in failed if r.layer == where or r.layer.rpartition(".")[0] == where]
-    own = [r for r in mine if r.mode.startswith(("shadow", "alone"))]
-    return (own or mine or failed or [None])[0]
+    """The failed row the report's first divergent location rests on (the engine's own
+    choice), or the first failed row where the engine names none (a mapping problem)."""
+    failed = (r for r in report.rows if r.dtype == dtype and not r.passed)
+    return report.divergent_row or next(failed, None)
 
 
 def right_place(named: str | None, expected: str) -> bool:

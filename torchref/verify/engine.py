@@ -131,7 +131,8 @@ def verify(torch_model, flax_model, inputs: np.ndarray, *, targets: np.ndarray |
                                       [(x, targets)] * max(steps, 1), loss, torch_optimizer,
                                       flax_optimizer, seed=seed)
     report = Report(rows=rows, mapping=used, torch_order=order, dtype=dtype)
-    report.first_divergent_layer, report.verdict = first_divergence(report)
+    report.first_divergent_layer, report.verdict, report.divergent_row = \
+        first_divergence(report)
     report.passed = report.first_divergent_layer is None and not used.problems
     if out is not None:
         report.write(out)

@@ -22,6 +22,7 @@ class Report:
     passed: bool = False
     first_divergent_layer: str | None = None
     verdict: str = ""
+    divergent_row: Row | None = None  # the failed row the verdict rests on
     files: dict[str, str] = field(default_factory=dict)
 
     def failed(self) -> list[Row]:
@@ -67,13 +68,14 @@ def _describe(row: Row) -> str:
             f"PyTorch float64, bound {row.bound:.3g}{own}, {row.margin:.3g}x the bound")
 
 
-def first_divergence(report: Report) -> tuple[str | None, str]:
+def first_divergence(report: Report) -> tuple[str | None, str, Row | None]:
     """The first layer, in execution order, judged "bug": a layer whose own (shadow or
     alone) check fails, or, where a layer's propagated *input* already differs while the
-    layer before it still matched, the code between those two layers."""
+    layer before it still matched, the code between those two layers. Returns the location,
+    the verdict and the failed row it rests on."""
     if report.mapping.problems:
         return (None, "not equivalent: the weights could not be mapped: "
-                + "; ".join(report.mapping.problems))
+                + "; ".join(report.mapping.problems), None)
     for dtype in ("float32", "float64"):
         rows = [r for r in report.rows if r.dtype == dtype]
         bad = [r for r in rows if not r.passed]
@@ -92,31 +94,32 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
                 return where, (f"not equivalent: the divergence enters in code that is no mapped "
                                f"layer, {where}" + (f" (torch modules there: "
                                                     f"{', '.join(between)})" if between else "")
-                               + f": {t_name} {_describe(entering[0])}")
+                               + f": {t_name} {_describe(entering[0])}"), entering[0]
             own = [r for r in layer_rows if r.mode.startswith(("shadow", "alone"))]
             if own:
                 return t_name, f"not equivalent: first divergent layer {t_name}: " + \
-                    _describe(own[0])
+                    _describe(own[0]), own[0]
             called = [r for r in layer_rows if r.check == "forward"
                       and r.mode.startswith("propagated")]
             if called:  # its input matches and alone it agrees: the call differs (a flag)
                 return t_name, (f"not equivalent: first divergent layer {t_name}, as called in "
                                 f"the model (its input matches and, run alone, it agrees: check "
                                 f"what it is called with, e.g. a train/eval flag): "
-                                + _describe(called[0]))
+                                + _describe(called[0])), called[0]
             previous = t_name
         loss = [r for r in bad if r.layer == "loss"]
         if loss and not any(r.layer == "output" for r in bad):
             # every layer's output matched, so the loss function itself differs (summed for
             # averaged, label smoothing): the wrong gradients below it are inherited from it
-            return "loss", f"not equivalent: the loss function: loss {_describe(loss[0])}"
+            return ("loss", f"not equivalent: the loss function: loss {_describe(loss[0])}",
+                    loss[0])
         backward = _backward_entry(report, bad)
         if backward is not None:
             return backward
         first = bad[0]
         where = "after the last mapped layer" if first.layer in ("output", "loss") \
             else first.layer
-        return where, f"not equivalent: {where}: {first.layer} {_describe(first)}"
+        return where, f"not equivalent: {where}: {first.layer} {_describe(first)}", first
     worst = max(report.rows, key=lambda r: r.margin, default=None)
     what = {"float32": "within float32 precision noise of PyTorch (float64 reference)",
             "float64": "within the float64 tolerances",
@@ -124,10 +127,10 @@ def first_divergence(report: Report) -> tuple[str | None, str]:
                     "the float64 tolerances"}[report.dtype]
     return None, (f"equivalent: {len(report.rows)} checks, every one {what}"
                   + (f"; closest: {worst.layer} {worst.check} ({worst.mode}, {worst.dtype}) at "
-                     f"{worst.margin:.2g}x its bound" if worst else ""))
+                     f"{worst.margin:.2g}x its bound" if worst else "")), None
 
 
-def _backward_entry(report: Report, bad: list[Row]) -> tuple[str, str] | None:
+def _backward_entry(report: Report, bad: list[Row]) -> tuple[str, str, Row] | None:
     """Where a backward divergence enters when every forward row and every layer alone
     agrees: after the last layer (in execution order) whose incoming gradient differs, the
     gradient reaching the next layer's output still matched, so the code between the two (a
@@ -144,7 +147,8 @@ def _backward_entry(report: Report, bad: list[Row]) -> tuple[str, str] | None:
     return where, (f"not equivalent: the backward divergence enters in code that is no mapped "
                    f"layer, {where} (the gradient reaching "
                    + (f"{after}'s output still matches" if after else "the output matches")
-                   + f", the one reaching {last}'s output does not): {last} {_describe(row)}")
+                   + f", the one reaching {last}'s output does not): {last} {_describe(row)}"),\
+        row
 
 
 def _between(order: list[str], previous: str | None, layer: str, unmapped: list[str]

@@ -201,10 +201,14 @@ def rows_check(cfg: dict[str, Any], name: str, rows: list) -> Check:
     shown = bad[0] if bad else worst
     undetermined = sum(r.extra.get("undetermined", 0) for r in rows
                        if r.layer.startswith("step 1:") or r.check != "step")
+    fed = [r for r in rows if "vs_reference_max_abs" in r.extra]
     detail = (f"{shown.layer} ({shown.mode}): error {shown.error:.3g} against PyTorch "
               f"float64, bound {shown.bound:.3g} ({shown.margin:.2g}x)"
               + (f"; {undetermined} entries: update undetermined (gradient at rounding level)"
-                 if undetermined else ""))
+                 if undetermined else "")
+              + (f"; {len(fed)} tensors judged against the reference optimizer fed Flax's "
+                 f"gradients (up to {max(r.extra['vs_reference_max_abs'] for r in fed):.3g} "
+                 "from the reference's own step)" if fed else ""))
     return Check(cfg["name"], name, worst.error, worst.stats["max_rel"], worst.bound,
                  not bad, first, detail,
                  worst.torch_error if worst.dtype == "float32" else None)

@@ -8,8 +8,10 @@ times PyTorch float32's own error plus a floor, ``torchref.verify.checks``) and
 **free-running** (each side from its own previous steps: accumulated drift; float32 passes
 within the spread of an ensemble of one-ulp-moved PyTorch runs, ``torchref.verify.spread``).
 Both against PyTorch float64 run from the same state; float64 within the tight tolerances, with
-updates at the rounding level reported as undetermined. Train mode: batch statistics, the
-models' own dropout masks. The optimizer state is compared after the first and the last step,
+updates at the rounding level reported as undetermined, and a step that misses its tolerance
+judged once more against the reference optimizer fed Flax's own gradients (:func:`fed_step`)
+where those gradients agree with the reference's. Train mode: batch statistics, the models'
+own dropout masks. The optimizer state is compared after the first and the last step,
 BatchNorm's running statistics after the last (``torchref.verify.state``).
 """
 
@@ -109,6 +111,23 @@ def _batch(pair, x: np.ndarray, target, loss: str) -> Batch:
                  torch_loss(loss, t_target.double() if is_float else t_target))
 
 
+def _judged_as_fed(row: Row, candidate: np.ndarray, fed: np.ndarray, kind: str,
+                   flax_name: str) -> Row:
+    """A float64 step row that missed its tolerance against the reference's own step, judged
+    against the reference optimizer fed Flax's gradients (:func:`fed_step`): passed there, the
+    difference is the optimizer's response to the frameworks' gradient rounding."""
+    fed_row = judge(row.layer, row.check, row.mode, row.dtype, candidate, fed, kind=kind,
+                    flax_name=flax_name)
+    if not fed_row.passed:
+        return row
+    fed_row.extra = {"vs_reference_max_abs": row.error, "vs_reference_bound": row.bound}
+    fed_row.detail = (f"{row.error:.3g} from the reference's own step (bound {row.bound:.3g}), "
+                      f"{fed_row.error:.3g} from the reference optimizer fed Flax's "
+                      "gradients (which agree with the reference's): the optimizer's "
+                      "sensitivity to gradient rounding")
+    return fed_row
+
+
 def _masked(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return np.asarray(array) if mask is None else np.asarray(array)[~mask]
 
@@ -155,20 +174,38 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         return mapping.torch_to_flax({n: p.detach().cpu().numpy()
                                       for n, p in model.named_parameters()})
 
-    def note_undetermined(trainer, reference) -> None:
-        """float64: add the entries whose gradient is at the rounding level in this step."""
+    def note_undetermined(trainer, reference) -> dict[str, np.ndarray]:
+        """float64: add the entries whose gradient is at the rounding level in this step;
+        the reference's gradients (Flax paths)."""
         if dtype != "float64":
-            return
+            return {}
         ref_grads = mapping.torch_to_flax({n: p.grad.detach().cpu().numpy() for n, p in
                                            reference.named_parameters() if p.grad is not None})
         for name, mask in undetermined(flat(trainer.grads), ref_grads).items():
             masks[name] = masks[name] | mask if name in masks else mask
+        return ref_grads
 
-    def param_row(mode, step, name, flax_value, ref, own=None, spread=None, kind="step"):
+    def fed_weights(trainer, ref_grads, start, state_source):
+        """float64: the reference optimizer's step fed the Flax gradients that agree with the
+        reference's (:func:`fed_step`), as Flax paths; None in float32."""
+        if dtype != "float64":
+            return None
+        found = flat(trainer.grads)
+        agreeing = {n: g for n, g in found.items() if n in ref_grads and judge(
+            n, "backward", "step", dtype, g, ref_grads[n], kind="backward").passed}
+        model = fed_step(start, torch_optimizer, state_source,
+                         grads_as_torch(mapping, agreeing, start))
+        return {n: v for n, v in weights(model).items() if n in agreeing}
+
+    def param_row(mode, step, name, flax_value, ref, own=None, spread=None, kind="step",
+                  fed=None):
         mask = masks.get(name)
         row = judge(f"step {step}: {back[name]}", "step", mode, dtype,
                     _masked(flax_value, mask), _masked(ref, mask),
                     None if own is None else _masked(own, mask), kind, name, spread)
+        if not row.passed and fed is not None and name in fed:
+            row = _judged_as_fed(row, _masked(flax_value, mask), _masked(fed[name], mask),
+                                 kind, name)
         if mask is not None:
             row.detail = (f"update undetermined (gradient at rounding level): {int(mask.sum())}"
                           f" of {mask.size} entries, left out")
@@ -193,27 +230,34 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
                                               pair.torch.named_parameters(), strict=True):
                     p64.copy_(p32.double())
             _copy_optimizer_state(t_opt, r_opt)
+            start = copy.deepcopy(pair.reference) if dtype == "float64" else None
             ref_loss = _torch_step(pair.reference, r_opt, batch.r_loss, batch.r_x)
             synced_loss = synced.step(batch.f_x, batch.f_target)
-            note_undetermined(synced, pair.reference)
+            fed = fed_weights(synced, note_undetermined(synced, pair.reference), start, t_opt)
         own_loss = _torch_step(pair.torch, t_opt, batch.t_loss, batch.t_x)
         if step <= resynced_steps:
             own, ref, found = weights(pair.torch), weights(pair.reference), flat(synced.params)
-            rows += [param_row("resynced", step, n, found[n], ref[n], own[n]) for n in ref]
+            rows += [param_row("resynced", step, n, found[n], ref[n], own[n], fed=fed)
+                     for n in ref]
             rows.append(judge(f"step {step}", "loss", "resynced", dtype,
                               np.float64(synced_loss), np.float64(ref_loss),
                               np.float64(own_loss), "step"))
         # free-running: each side from its own previous steps (accumulated drift)
         before = variance.before()
+        kind = "step" if step == 1 else "trajectory"
+        # (the fed step for the first step only: later steps start from different weights
+        # on the two sides, and the trajectory tolerance covers their accumulated rounding)
+        start = copy.deepcopy(free_ref) if dtype == "float64" and kind == "step" else None
+        state_before = copy.deepcopy(f_opt) if start is not None else None
         free_loss = _torch_step(free_ref, f_opt, batch.r_loss, batch.r_x)
         variance.update(before)
         flax_loss_value = free.step(batch.f_x, batch.f_target)
-        note_undetermined(free, free_ref)
+        ref_grads = note_undetermined(free, free_ref)
+        fed = None if start is None else fed_weights(free, ref_grads, start, state_before)
         member_losses = [_torch_step(m, o, batch.t_loss, batch.t_x) for m, o in members]
         ref, found = weights(free_ref), flat(free.params)
-        kind = "step" if step == 1 else "trajectory"
         if ensemble is None:
-            rows += [param_row("free-running", step, n, found[n], r, kind=kind)
+            rows += [param_row("free-running", step, n, found[n], r, kind=kind, fed=fed)
                      for n, r in ref.items()]
         else:
             member_weights = [weights(m) for m in (pair.torch, *(m for m, _ in members))]
@@ -233,6 +277,51 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
     rows += running_stat_rows(free, free_ref, variance, pair, mapping, back, ensemble, steps,
                               float(drift))
     return rows
+
+
+def grads_as_torch(mapping, flax_grads: dict[str, np.ndarray], torch_model
+                   ) -> dict[str, np.ndarray]:
+    """Flax-path gradients -> torch names and layouts, float64. Every parameter layout rule
+    (transpose, OIHW->HWIO, the HWC flatten permutation) only moves entries, so each is
+    inverted by converting an array of entry indices with the mapping itself; a tensor whose
+    rule is no permutation is left out."""
+    out = {}
+    for name, param in torch_model.named_parameters():
+        index = np.arange(param.numel(), dtype=np.float64).reshape(tuple(param.shape))
+        converted = mapping.torch_to_flax({name: index})
+        if len(converted) != 1:
+            continue
+        ((flax_name, moved),) = converted.items()
+        moved = np.asarray(moved).astype(np.int64).ravel()
+        if flax_name not in flax_grads or not np.array_equal(np.sort(moved),
+                                                             np.arange(param.numel())):
+            continue
+        values = np.empty(param.numel())
+        values[moved] = np.asarray(flax_grads[flax_name], np.float64).ravel()
+        out[name] = values.reshape(tuple(param.shape))
+    return out
+
+
+def fed_step(start, torch_optimizer: Callable, state_source, grads: dict[str, np.ndarray]):
+    """The float64 reference optimizer's step from ``start`` (a float64 model, copied) with
+    ``state_source``'s optimizer state, fed ``grads`` (torch names) instead of its own.
+
+    Why: an optimizer step is ill-conditioned where Adam divides a gradient entry by its own
+    size: its first step lr g / (|g| + eps) has slope up to lr / eps (1e5 at lr 1e-3, eps
+    1e-8), so two frameworks' float64 gradients that agree to ~4e-17 give steps ~4e-12 apart
+    (vgg_bn_fashion's fc1), above the 1e-12 step tolerance although both are right. Fed the
+    same gradients, a correct port's optimizer agrees with the reference's within that
+    tolerance; the gradients themselves are held to the float64 gradient tolerance."""
+    import torch
+
+    model = copy.deepcopy(start)
+    optimizer = torch_optimizer(model.parameters())
+    _copy_optimizer_state(state_source, optimizer)
+    for name, param in model.named_parameters():
+        param.grad = (torch.from_numpy(grads[name]).to(param.device) if name in grads
+                      else None)
+    optimizer.step()
+    return model
 
 
 def _copy_optimizer_state(source, target) -> None:

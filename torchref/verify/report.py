@@ -37,6 +37,7 @@ class Report:
                                        f"err(torch32, ref64) + {checks.FLOOR_ULPS} * eps32 * "
                                        f"max|ref|",
                             "margin": checks.NOISE_MARGIN, "floor_ulps": checks.FLOOR_ULPS,
+                            "training_floor_ulps": checks.TRAINING_FLOOR_ULPS,
                             "float64_tolerances": checks.TIGHT},
             "mapping": {"layers": self.mapping.layers,
                         "params": {t: {"flax": f, "rule": r}

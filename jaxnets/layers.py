@@ -76,6 +76,10 @@ class BatchNorm(nnx.Module):
     """BatchNorm over the last axis, PyTorch's conventions: ``momentum`` weighs the new batch,
     the running variance is unbiased. x: (batch, features) or (batch, H, W, C)."""
 
+    # the torch layer this one ports: ``jaxnets verify``/``parity`` pair it with torch's
+    # BatchNorm as they pair nnx.BatchNorm (torchref.verify.mapping.flax_kind)
+    torch_kind = "batchnorm"
+
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         self.scale = nnx.Param(jnp.ones((features,)))
         self.bias = nnx.Param(jnp.zeros((features,)))

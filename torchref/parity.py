@@ -86,14 +86,15 @@ def probe_batch(cfg: dict[str, Any], dataset: Dataset, size: int = 64) -> Datase
     return dataset.head(count, count)
 
 
-def twins(cfg, dataset, dtype, device, converter):
-    """A JAX and a PyTorch trainer (for their models) from the same initial weights."""
+def twins(cfg, dataset, dtype, device, converter, flax_cfg=None):
+    """A JAX and a PyTorch trainer (for their models) from the same initial weights; the JAX
+    side from ``flax_cfg`` where given (a port whose layer list or optimizer differs)."""
     from jaxnets.train import Trainer as JaxTrainer
     from torchref.train import Trainer as TorchTrainer
 
     torch_side = TorchTrainer(cfg, dataset, dtype=dtype,
                               device="cuda" if device == "gpu" else "cpu")
-    jax_side = JaxTrainer(cfg, dataset, dtype=dtype)
+    jax_side = JaxTrainer(flax_cfg or cfg, dataset, dtype=dtype)
     jax_side.load_weights(converter(torch_side.weights()))
     return jax_side, torch_side
 
@@ -216,16 +217,19 @@ def rows_check(cfg: dict[str, Any], name: str, rows: list) -> Check:
 
 def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
                  device: str = "cpu", steps: int = 100,
-                 converter: Callable[[dict], dict] = convert.torch_to_flax) -> list[Check]:
-    """Every check for one config. ``converter`` maps torch weights to Flax weights (a test
-    passes a deliberately wrong one to see the report name the broken layer)."""
+                 converter: Callable[[dict], dict] = convert.torch_to_flax,
+                 flax_cfg: dict[str, Any] | None = None) -> list[Check]:
+    """Every check for one config. ``converter`` maps torch weights to Flax weights, and
+    ``flax_cfg`` (default ``cfg``) builds the JAX side's model and optimizer: the bug
+    catalogue plants a wrong converter, a changed layer option or optimizer setting there to
+    see the report name the broken layer or step (parity_tests/test_catalogue_zoo.py)."""
     from jaxnets.optim import make_optimizer
     from torchref.optim import make_optimizer as make_torch_optimizer
     from torchref.verify.pair import Pair
     from torchref.verify.training import training_rows
 
     batch = probe_batch(cfg, dataset)
-    jax_side, torch_side = twins(cfg, batch, dtype, device, converter)
+    jax_side, torch_side = twins(cfg, batch, dtype, device, converter, flax_cfg)
     torch_x, torch_y, _, _ = model_arrays(batch, cfg, "torch")
     # forward, loss and gradients: the verification engine, layer by layer, against PyTorch
     # in float64, on the zoo's pair as on any user's pair
@@ -238,7 +242,7 @@ def check_config(cfg: dict[str, Any], dataset: Dataset, dtype: str = "float32",
     rows = training_rows(Pair(torch_side.model, jax_side.model, dtype, "nhwc"), mapping,
                          trajectory_batches(cfg, dataset, steps), cfg["train"]["loss"],
                          lambda params: make_torch_optimizer(cfg["optimizer"], params),
-                         make_optimizer(cfg["optimizer"]), resynced_steps=1,
+                         make_optimizer((flax_cfg or cfg)["optimizer"]), resynced_steps=1,
                          load=converter_load(converter), seed=cfg["seed"],
                          flax_apply=lambda model, x: model(x, train=True))
     free = [r for r in rows if r.mode == "free-running"]

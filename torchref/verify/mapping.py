@@ -75,9 +75,13 @@ def torch_kind(module) -> str | None:
 
 
 def flax_kind(module: nnx.Module) -> str | None:
+    """The layer kind of a Flax module: by its nnx class, or as the module declares it in a
+    ``torch_kind`` class attribute (a hand-written port of a torch layer, such as the zoo's
+    BatchNorm with torch's conventions)."""
     kinds = {nnx.Linear: "linear", nnx.Conv: "conv", nnx.BatchNorm: "batchnorm",
              nnx.LayerNorm: "layernorm", nnx.Embed: "embedding"}
-    kind = next((k for cls, k in kinds.items() if isinstance(module, cls)), None)
+    kind = next((k for cls, k in kinds.items() if isinstance(module, cls)),
+                getattr(type(module), "torch_kind", None))
     return "conv1d" if kind == "conv" and len(module.kernel_size) == 1 else kind
 
 

@@ -109,3 +109,14 @@ def test_float32_floor_covers_the_correct_ports_it_was_measured_on():
     report = verify(dtype="float32", **case("mixer", BY_NAME["layernorm_eps"]))
     assert report.first_divergent_layer == "norm2"
     assert report.divergent_row.margin > 10, report.divergent_row.margin
+
+
+def test_fed_step_keeps_the_optimizers_own_counters():
+    """The float64 fed step (the reference optimizer fed Flax's gradients) copies the
+    reference's optimizer with its counters: a fresh optimizer restarted the catalogue's
+    halving schedule, agreed with the one-step-late port at step 2, and left that bug to the
+    free-running rows (6.8e6x instead of the resynced step's 6.8e9x)."""
+    report = verify(dtype="float64", **case("mlp", BY_NAME["schedule_one_step_late"]))
+    row = report.divergent_row
+    assert (row.check, row.mode, row.layer) == ("step", "resynced", "step 2: 0.weight"), row
+    assert row.margin > 1e9, row.margin

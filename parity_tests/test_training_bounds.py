@@ -3,6 +3,7 @@ correction as torch computes it (``jaxnets.optim.adam_bias_correction``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -129,14 +130,14 @@ def test_fed_step_separates_adams_sensitivity_from_an_optimizer_bug():
     # the candidate's gradients: the reference's, apart by ~4e-17 (float64 rounding of a sum)
     own_grad = {k: g + 4e-17 * rng.standard_normal(g.shape) for k, g in ref_grad.items()}
 
-    def adam(lr):
-        return lambda params: torch.optim.Adam(params, lr=lr)
+    def step(lr, grads):  # a first Adam step from ``start``
+        model = copy.deepcopy(start)
+        return fed_step((model, torch.optim.Adam(model.parameters(), lr=lr)),
+                        grads).weight.detach().numpy()
 
-    empty = torch.optim.Adam(start.parameters())  # no state yet: a first step
-    ref = fed_step(start, adam(1e-3), empty, ref_grad).weight.detach().numpy()
-    fed = fed_step(start, adam(1e-3), empty, own_grad).weight.detach().numpy()
+    ref, fed = step(1e-3, ref_grad), step(1e-3, own_grad)
     for lr, correct in ((1e-3, True), (1.01e-3, False)):
-        candidate = fed_step(start, adam(lr), empty, own_grad).weight.detach().numpy()
+        candidate = step(lr, own_grad)
         direct = judge("step 1: weight", "step", "resynced", "float64", candidate, ref)
         assert not direct.passed  # the tight step tolerance alone fails both
         row = _judged_as_fed(direct, candidate, fed, "step", "kernel")

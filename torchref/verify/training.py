@@ -185,7 +185,7 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
             masks[name] = masks[name] | mask if name in masks else mask
         return ref_grads
 
-    def fed_weights(trainer, ref_grads, start, state_source):
+    def fed_weights(trainer, ref_grads, start):
         """float64: the reference optimizer's step fed the Flax gradients that agree with the
         reference's (:func:`fed_step`), as Flax paths; None in float32."""
         if dtype != "float64":
@@ -193,8 +193,7 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         found = flat(trainer.grads)
         agreeing = {n: g for n, g in found.items() if n in ref_grads and judge(
             n, "backward", "step", dtype, g, ref_grads[n], kind="backward").passed}
-        model = fed_step(start, torch_optimizer, state_source,
-                         grads_as_torch(mapping, agreeing, start))
+        model = fed_step(start, grads_as_torch(mapping, agreeing, start[0]))
         return {n: v for n, v in weights(model).items() if n in agreeing}
 
     def param_row(mode, step, name, flax_value, ref, own=None, spread=None, kind="step",
@@ -230,10 +229,10 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
                                               pair.torch.named_parameters(), strict=True):
                     p64.copy_(p32.double())
             _copy_optimizer_state(t_opt, r_opt)
-            start = copy.deepcopy(pair.reference) if dtype == "float64" else None
+            start = copy_with_optimizer(pair.reference, r_opt) if dtype == "float64" else None
             ref_loss = _torch_step(pair.reference, r_opt, batch.r_loss, batch.r_x)
             synced_loss = synced.step(batch.f_x, batch.f_target)
-            fed = fed_weights(synced, note_undetermined(synced, pair.reference), start, t_opt)
+            fed = fed_weights(synced, note_undetermined(synced, pair.reference), start)
         own_loss = _torch_step(pair.torch, t_opt, batch.t_loss, batch.t_x)
         if step <= resynced_steps:
             own, ref, found = weights(pair.torch), weights(pair.reference), flat(synced.params)
@@ -247,13 +246,13 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
         kind = "step" if step == 1 else "trajectory"
         # (the fed step for the first step only: later steps start from different weights
         # on the two sides, and the trajectory tolerance covers their accumulated rounding)
-        start = copy.deepcopy(free_ref) if dtype == "float64" and kind == "step" else None
-        state_before = copy.deepcopy(f_opt) if start is not None else None
+        start = (copy_with_optimizer(free_ref, f_opt) if dtype == "float64" and kind == "step"
+                 else None)
         free_loss = _torch_step(free_ref, f_opt, batch.r_loss, batch.r_x)
         variance.update(before)
         flax_loss_value = free.step(batch.f_x, batch.f_target)
         ref_grads = note_undetermined(free, free_ref)
-        fed = None if start is None else fed_weights(free, ref_grads, start, state_before)
+        fed = None if start is None else fed_weights(free, ref_grads, start)
         member_losses = [_torch_step(m, o, batch.t_loss, batch.t_x) for m, o in members]
         ref, found = weights(free_ref), flat(free.params)
         if ensemble is None:
@@ -302,9 +301,23 @@ def grads_as_torch(mapping, flax_grads: dict[str, np.ndarray], torch_model
     return out
 
 
-def fed_step(start, torch_optimizer: Callable, state_source, grads: dict[str, np.ndarray]):
-    """The float64 reference optimizer's step from ``start`` (a float64 model, copied) with
-    ``state_source``'s optimizer state, fed ``grads`` (torch names) instead of its own.
+def copy_with_optimizer(model, optimizer) -> tuple[Any, Any]:
+    """Copies of ``model`` and its ``optimizer``, the copy's parameters in the copied
+    optimizer's groups and state. The whole ``__dict__`` is copied: ``copy.deepcopy`` of an
+    optimizer goes through ``Optimizer.__getstate__``, which drops a subclass's own counters
+    (the catalogue's scheduled SGD lost its step count that way)."""
+    memo: dict[int, Any] = {}
+    model_copy = copy.deepcopy(model, memo)
+    optimizer_copy = object.__new__(type(optimizer))
+    optimizer_copy.__dict__.update(copy.deepcopy(optimizer.__dict__, memo))
+    return model_copy, optimizer_copy
+
+
+def fed_step(start, grads: dict[str, np.ndarray]):
+    """The float64 reference optimizer's step from ``start`` = (model, its optimizer), copied
+    together before the reference's own step (:func:`copy_with_optimizer`, so the copy keeps
+    every counter the optimizer holds, a schedule's step among them), fed ``grads`` (torch
+    names) instead of its own.
 
     Why: an optimizer step is ill-conditioned where Adam divides a gradient entry by its own
     size: its first step lr g / (|g| + eps) has slope up to lr / eps (1e5 at lr 1e-3, eps
@@ -314,12 +327,11 @@ def fed_step(start, torch_optimizer: Callable, state_source, grads: dict[str, np
     tolerance; the gradients themselves are held to the float64 gradient tolerance."""
     import torch
 
-    model = copy.deepcopy(start)
-    optimizer = torch_optimizer(model.parameters())
-    _copy_optimizer_state(state_source, optimizer)
+    model, optimizer = start
+    optimizer.zero_grad()
     for name, param in model.named_parameters():
-        param.grad = (torch.from_numpy(grads[name]).to(param.device) if name in grads
-                      else None)
+        if name in grads:
+            param.grad = torch.from_numpy(grads[name]).to(param.device)
     optimizer.step()
     return model
 

@@ -253,3 +253,28 @@ def test_models_agree_across_conv_paths(name):
     assert_allclose(outputs["im2col"], outputs["lax"], 1e-5, f"{name} im2col vs lax")
     np.testing.assert_array_equal(outputs["canonical"], outputs["lax"])
     np.testing.assert_array_equal(outputs["auto"], outputs["lax"])
+
+
+def _tiny_trainer(name: str, *overrides: str) -> Trainer:
+    rng = np.random.default_rng(0)
+    images = Dataset("tiny", "generated", rng.integers(0, 255, (16, 28, 28), np.uint8),
+                     rng.integers(0, 10, 16), rng.integers(0, 255, (8, 28, 28), np.uint8),
+                     rng.integers(0, 10, 8))
+    return Trainer(load_config(name, ["train.batch_size=8", *overrides]), images)
+
+
+def test_xla_cpu_fusions_none_leaves_the_library_fusions_out_of_training_only():
+    """``train.xla_cpu_fusions = "none"`` (ConvNet's setting, measured faster there): the
+    compiled training epoch holds no YNNPACK fusion, the default one does, and the evaluation
+    keeps XLA's default either way; the two training steps agree within float32 rounding."""
+    default = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="default"')
+    none = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="none"')
+    assert "__ynn_fusion" in default._compiled_epoch((2, 8)).as_text()
+    assert "__ynn_fusion" not in none._compiled_epoch((2, 8)).as_text()
+    x, y = none.test_x, none.test_y
+    assert "__ynn_fusion" in none._eval_batch.lower(none.params, none.other, x, y).compile(
+        ).as_text()
+    for trainer in (default, none):
+        trainer.train_epochs(range(1), progress=False, scan=True)
+    for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(none.params), strict=True):
+        assert_allclose(np.asarray(b), np.asarray(a), 1e-5, "params after one epoch")

@@ -171,6 +171,15 @@ class Trainer:
             outputs = apply(params, other, x)[0]
             return loss_fn(outputs, y) * x.shape[0], num_correct(outputs, y)
 
+        eval_size = cfg["train"]["eval_batch_size"]
+
+        def eval_batches(params, other, x, y):
+            """Every whole batch of ``eval_size`` in one call: per-batch loss sums and
+            correct counts, (num_batches,) each (no host round trip between batches)."""
+            count = x.shape[0] // eval_size * eval_size
+            shaped = [a[:count].reshape(-1, eval_size, *a.shape[1:]) for a in (x, y)]
+            return jax.lax.map(lambda batch: eval_batch(params, other, *batch), tuple(shaped))
+
         def loss_and_gradients(params, other, x, y):
             """In train mode (batch statistics, the next dropout masks); state not kept."""
             return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
@@ -197,6 +206,7 @@ class Trainer:
         self._train_epoch = jax.jit(train_epoch, compiler_options=options)
         self._train_step = jax.jit(one_step, compiler_options=options)
         self._eval_batch = jax.jit(eval_batch, compiler_options=inference)
+        self._eval_batches = jax.jit(eval_batches, compiler_options=inference)
 
     @property
     def num_train(self) -> int:
@@ -330,11 +340,18 @@ class Trainer:
         x = self.test_x if x is None else x
         y = self.test_y if y is None else y
         size = self.cfg["train"]["eval_batch_size"]
+        whole = len(x) // size * size
+        sums, counts = [], []
+        if whole:
+            batch_sums, batch_counts = self._eval_batches(self.params, self.other, x, y)
+            sums, counts = list(np.asarray(batch_sums)), list(np.asarray(batch_counts))
+        if whole < len(x):  # the last, smaller batch
+            batch_loss, batch_correct = self._eval_batch(self.params, self.other, x[whole:],
+                                                         y[whole:])
+            sums.append(batch_loss)
+            counts.append(batch_correct)
         loss_sum, correct = 0.0, 0
-        for start in range(0, len(x), size):
-            batch_loss, batch_correct = self._eval_batch(self.params, self.other,
-                                                         x[start:start + size],
-                                                         y[start:start + size])
+        for batch_loss, batch_correct in zip(sums, counts, strict=True):  # in batch order
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
         accuracy = None if self.cfg["train"]["metric"] == "none" else correct / len(x)

@@ -7,6 +7,7 @@ exceeds the stated limits is marked unstable, and the report leaves it out of th
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -20,6 +21,11 @@ import psutil
 # the units ran. Quiet 2-core x86-64 runs of every config stayed under 1.15 and 0.1.
 SPREAD_LIMIT = 1.3
 COMPETING_LIMIT = 0.25
+# Each timed run lasts at least this long (a unit shorter than it is run several times per
+# timed run, the time divided back): the kernel's CPU-time counters advance in ticks of 10 ms
+# (USER_HZ 100), so a window of a few milliseconds cannot see another process at all
+# (a spinning process on the other core read as 3e-11 cores around a 1 ms inference unit).
+MIN_RUN_S = 0.05
 
 
 def _busy_seconds() -> float:
@@ -70,9 +76,13 @@ def timed_interleaved(units: dict[str, tuple[Callable[[], Any], Callable[[], Non
     the median (``compile_s``: compilation, autotuning, first-touch allocation),
     ``spread`` (max / min), ``load_before``/``load_after`` (1-minute load average around each
     timed run), ``competing_cores`` (other processes' CPU use while the units ran) and
-    ``unstable`` (a list of reasons, empty when the measurement is trusted)."""
+    ``unstable`` (a list of reasons, empty when the measurement is trusted); a unit shorter
+    than ``MIN_RUN_S`` is run ``runs_per_timing`` times per timed run and its time divided."""
     warmup = {name: warm_up(unit, sync) if warm_up_first else 0.0
               for name, (unit, sync) in units.items()}
+    # runs of each unit per timed run: enough to last MIN_RUN_S (one untimed run measures it)
+    count = {name: max(1, math.ceil(MIN_RUN_S / max(warm_up(unit, sync), 1e-9)))
+             for name, (unit, sync) in units.items()}
     times = {name: [] for name in units}
     loads = {name: [] for name in units}
     with CompetingLoad() as competing:
@@ -80,9 +90,10 @@ def timed_interleaved(units: dict[str, tuple[Callable[[], Any], Callable[[], Non
             for name, (unit, sync) in units.items():
                 before = os.getloadavg()[0]
                 start = time.perf_counter()
-                unit()
+                for _ in range(count[name]):
+                    unit()
                 sync()
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / count[name])
                 loads[name].append((before, os.getloadavg()[0]))
     results = {}
     for name, t in times.items():
@@ -99,7 +110,7 @@ def timed_interleaved(units: dict[str, tuple[Callable[[], Any], Callable[[], Non
             "compile_s": max(0.0, warmup[name] - median),
             "spread": spread, "load_before": [b for b, _ in loads[name]],
             "load_after": [a for _, a in loads[name]], "competing_cores": competing.cores,
-            "unstable": unstable,
+            "unstable": unstable, "runs_per_timing": count[name],
         }
     return results
 

@@ -90,9 +90,10 @@ DEFAULTS: dict[str, Any] = {
         # A NaN or Inf loss: "stop" the run (naming the epoch and step; the last checkpoint is
         # kept), or "skip" that step (no update) and count it in the epoch's skipped_steps.
         "on_nonfinite": "stop",
-        # XLA:CPU's library fusions in the compiled training step: "default" (YNNPACK for
-        # dots, convolutions and reductions) or "none" (XLA's own loops and Eigen), chosen
-        # per config by measurement (jaxnets.train.xla_cpu_options); no effect off the CPU.
+        # XLA:CPU's library fusions in the compiled training step and evaluation: "default"
+        # (YNNPACK for dots, convolutions and reductions) or "none" (XLA's own loops and
+        # Eigen), chosen per config by measurement (jaxnets.train.xla_cpu_options); no effect
+        # off the CPU.
         "xla_cpu_fusions": "default",
     },
 }

@@ -47,25 +47,23 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-# XLA:CPU's library fusions (YNNPACK) kept in the compiled evaluation: standalone dots are
-# left to XLA's own dot emitter. Measured (one process, interleaved, quiet 2-core Xeon, best of
-# 5, ms per pass over the 10,000 test images), default against this set: mlp_mnist 76 / 68,
-# convnet_mnist 307 / 306, lenet_mnist 345 / 338, simplenet_mnist 618 / 620.
-INFERENCE_FUSIONS = ("INDIVIDUAL_CONVOLUTION", "ELTWISE", "REDUCE")
-
-
 def xla_cpu_options(fusions: tuple[str, ...] | None) -> dict[str, str]:
     """XLA compiler options that set XLA:CPU's YNNPACK library fusions to ``fusions`` (names
     of XLA's LibraryFusionType without the prefix; () for none), or XLA's default for None;
     nothing off the CPU.
 
-    For the training step ``train.xla_cpu_fusions = "none"`` gives (), so dots, convolutions
-    and reductions run in XLA's own loops and Eigen. Why per config: measured (one process,
-    interleaved, quiet 2-core Xeon, 100 scanned steps, best of 5), ms per step, default
-    against none: convnet_mnist 7.0 / 5.5 (its thin 1->10 and 10->20 convolutions and their
-    bias-gradient reductions are slower in YNNPACK: the conv1 bias gradient, a reduction of
-    (64, 24, 24, 10) to 10, took 0.4 ms), lenet_mnist 5.8 / 5.8, simplenet_mnist 25.1 / 25.7,
-    mlp_mnist 2.4 / 2.8. Evaluation uses :data:`INFERENCE_FUSIONS` whatever the setting."""
+    ``train.xla_cpu_fusions = "none"`` gives (): dots, convolutions and reductions of the
+    training step and of the evaluation run in XLA's own loops and Eigen. Why per config:
+    measured on a quiet 2-core Xeon (one process, interleaved, best of 3-5), default against
+    none. Training, ms per scanned step: convnet_mnist 7.0 / 5.5 (its thin 1->10 and 10->20
+    convolutions and their bias-gradient reductions are slower in YNNPACK: the conv1 bias
+    gradient, a reduction of (64, 24, 24, 10) to 10, took 0.4 ms), lenet_mnist 5.8 / 5.8,
+    vgg_bn_fashion 13.0 / 13.2, resnet_gelu_fashion 13.9 / 14.1, simplenet_mnist 25.1 / 25.7,
+    mlp_mnist 2.4 / 2.8. Evaluation, ms per pass over 10,000 test images: lenet_mnist 312 /
+    286, vgg_bn_fashion 637 / 526, resnet_gelu_fashion 927 / 864, convnet_mnist 283 / 279,
+    mlp_mnist 53 / 52, simplenet_mnist 550 / 849 (its 20->20 5x5 convolutions gain from
+    YNNPACK). (Naming ELTWISE explicitly made resnet's exact GELU 3.3x slower: XLA expands erfc
+    into a polynomial and the eltwise fusion broadcast each coefficient to a full tensor.)"""
     if fusions is None or jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": ",".join(
@@ -73,7 +71,8 @@ def xla_cpu_options(fusions: tuple[str, ...] | None) -> dict[str, str]:
 
 
 def training_fusions(setting: str) -> tuple[str, ...] | None:
-    """``train.xla_cpu_fusions`` -> :func:`xla_cpu_options`' argument."""
+    """``train.xla_cpu_fusions`` -> :func:`xla_cpu_options`' argument (training and
+    evaluation alike)."""
     return None if setting == "default" else ()
 
 
@@ -185,8 +184,9 @@ class Trainer:
             return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
                 params, other)
 
+        options = xla_cpu_options(training_fusions(cfg["train"]["xla_cpu_fusions"]))
         self.apply = jax.jit(lambda params, other, x: apply(params, other, x)[0],
-                             compiler_options=xla_cpu_options(INFERENCE_FUSIONS))
+                             compiler_options=options)
         self._loss_and_gradients = jax.jit(loss_and_gradients)
 
         def one_step(params, other, opt_state, x_all, y_all, idx):
@@ -200,13 +200,11 @@ class Trainer:
             (params, other, opt_state), metrics = train_step((params, other, opt_state), (x, y))
             return params, other, opt_state, metrics
 
-        options = xla_cpu_options(training_fusions(cfg["train"]["xla_cpu_fusions"]))
-        inference = xla_cpu_options(INFERENCE_FUSIONS)
         self._train_batch = jax.jit(batch_step, compiler_options=options)
         self._train_epoch = jax.jit(train_epoch, compiler_options=options)
         self._train_step = jax.jit(one_step, compiler_options=options)
-        self._eval_batch = jax.jit(eval_batch, compiler_options=inference)
-        self._eval_batches = jax.jit(eval_batches, compiler_options=inference)
+        self._eval_batch = jax.jit(eval_batch, compiler_options=options)
+        self._eval_batches = jax.jit(eval_batches, compiler_options=options)
 
     @property
     def num_train(self) -> int:

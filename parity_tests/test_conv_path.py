@@ -265,33 +265,18 @@ def _tiny_trainer(name: str, *overrides: str) -> Trainer:
 
 def test_xla_cpu_fusions_none_leaves_the_library_fusions_out_of_training_only():
     """``train.xla_cpu_fusions = "none"`` (ConvNet's setting, measured faster there): the
-    compiled training epoch holds no YNNPACK fusion, the default one does, and the evaluation
-    keeps its own set either way (``jaxnets.train.INFERENCE_FUSIONS``: convolutions and
-    reductions in YNNPACK, standalone dots not); the two training runs agree within float32
-    rounding."""
+    compiled training epoch and evaluation hold no YNNPACK fusion, the default ones do; the
+    two training runs agree within float32 rounding."""
     default = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="default"')
     none = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="none"')
     assert "__ynn_fusion" in default._compiled_epoch((2, 8)).as_text()
     assert "__ynn_fusion" not in none._compiled_epoch((2, 8)).as_text()
-    x, y = none.test_x, none.test_y
-    assert "__ynn_fusion" in none._eval_batch.lower(none.params, none.other, x, y).compile(
-        ).as_text()
+    for trainer, expected in ((default, True), (none, False)):
+        x, y = trainer.test_x, trainer.test_y
+        evaluation = trainer._eval_batches.lower(trainer.params, trainer.other, x, y)
+        assert ("__ynn_fusion" in evaluation.compile().as_text()) is expected
     for trainer in (default, none):
         trainer.train_epochs(range(1), progress=False, scan=True)
     for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(none.params), strict=True):
         assert_allclose(np.asarray(b), np.asarray(a), 1e-5, "params after one epoch")
 
-
-def test_evaluation_leaves_standalone_dots_to_xla():
-    """``INFERENCE_FUSIONS`` (measured: the MLP's test pass 76 -> 68 ms): no dot of the
-    compiled evaluation is a YNNPACK fusion, while the training step's are."""
-    trainer = _tiny_trainer("mlp_mnist")
-    x, y = trainer.test_x, trainer.test_y
-    evaluation = trainer._eval_batch.lower(trainer.params, trainer.other, x, y).compile()
-
-    def ynn_dots(text):
-        return [line for line in text.splitlines()
-                if "__ynn_fusion" in line and "dot_general" in line]
-
-    assert not ynn_dots(evaluation.as_text())
-    assert ynn_dots(trainer._compiled_epoch((2, 8)).as_text())

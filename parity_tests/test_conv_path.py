@@ -263,12 +263,14 @@ def _tiny_trainer(name: str, *overrides: str) -> Trainer:
     return Trainer(load_config(name, ["train.batch_size=8", *overrides]), images)
 
 
-def test_xla_cpu_fusions_none_leaves_the_library_fusions_out_of_training_only():
+def test_xla_cpu_fusions_none_leaves_the_library_fusions_out():
     """``train.xla_cpu_fusions = "none"`` (ConvNet's setting, measured faster there): the
     compiled training epoch and evaluation hold no YNNPACK fusion, the default ones do; the
     two training runs agree within float32 rounding."""
-    default = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="default"')
-    none = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="none"')
+    default = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="default"',
+                            "train.eval_batch_size=4")
+    none = _tiny_trainer("convnet_mnist", 'train.xla_cpu_fusions="none"',
+                         "train.eval_batch_size=4")
     assert "__ynn_fusion" in default._compiled_epoch((2, 8)).as_text()
     assert "__ynn_fusion" not in none._compiled_epoch((2, 8)).as_text()
     for trainer, expected in ((default, True), (none, False)):

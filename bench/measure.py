@@ -205,6 +205,13 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
     ...), training first, then inference (:func:`bench.timing.timed_interleaved`)."""
     unit_cfg, unit_data, epochs = bench_unit(cfg, dataset, steps)
     flops = {"train": training_flops(cfg), "infer": forward_flops(cfg)}
+    if "compile" in modes:
+        import torch
+
+        # every config's model runs the same ``forward`` code object, and dynamo stops
+        # compiling a code object after ``recompile_limit`` (8) guard failures: from the
+        # seventh config on, "compile" ran eager ("torch._dynamo hit config.recompile_limit")
+        torch._dynamo.reset()
     rows, units, peak_rss = [], {}, {}
     for mode in modes:
         framework = "jax" if mode in JAX_MODES else "torch"

@@ -96,6 +96,7 @@ def rank(out: Path) -> None:
                 np.savez(out / f"{case}.npz", step_losses=trainer.global_losses,
                          rank_param_max_diff=trainer.rank_param_max_diff,
                          **trainer.weights())
+        dist.barrier()  # every rank done before any leaves (torchref.ddp.worker says why)
     finally:
         dist.destroy_process_group()
 

@@ -116,3 +116,26 @@ def test_a_competing_process_flags_the_measurement():
         assert r["competing_cores"] > timing.COMPETING_LIMIT, r
         assert any("other processes used" in reason for reason in r["unstable"]), r
     assert sum("unstable" in m and "left out of the ratios" in m for m in messages) == 4
+
+
+def test_compile_mode_compiles_every_config_afresh(monkeypatch):
+    """Every config's torch model runs the same ``forward``, and dynamo stops compiling a code
+    object after ``recompile_limit`` recompilations: a full bench run hit it at the seventh
+    config and measured "compile" eagerly from there on. ``bench_config`` resets dynamo per
+    config; with the limit lowered to what one config needs, two configs in a row compile
+    (frames compiled by dynamo counted in each)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    # one config compiles 2 graphs (training and evaluation): without the reset the second
+    # config compiled none at this limit, with it 2
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    compiled = []
+    for name in ("spiral_linear", "spiral_relu"):
+        cfg = load_config(name)
+        data = load_generated("spiral", cfg["data"]["seed"])
+        before = counters["stats"]["unique_graphs"]
+        measure.bench_config(cfg, data, repeats=1, steps=2, modes=("compile",),
+                             echo=lambda _: None)
+        compiled.append(counters["stats"]["unique_graphs"] - before)
+    assert all(count > 0 for count in compiled), compiled

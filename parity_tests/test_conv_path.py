@@ -138,13 +138,16 @@ def _eigen_ready(line: str) -> bool:
             and "rhs_reversal" not in line)
 
 
-def _compiled_epoch_convolutions(name: str, impl: str) -> list[str]:
-    cfg = load_config(name, [f"model.conv={impl}", "train.batch_size=8"])
+def _tiny_trainer(name: str, *overrides: str) -> Trainer:
     rng = np.random.default_rng(0)
     images = Dataset("tiny", "generated", rng.integers(0, 255, (16, 28, 28), np.uint8),
                      rng.integers(0, 10, 16), rng.integers(0, 255, (8, 28, 28), np.uint8),
                      rng.integers(0, 10, 8))
-    trainer = Trainer(cfg, images)
+    return Trainer(load_config(name, ["train.batch_size=8", *overrides]), images)
+
+
+def _compiled_epoch_convolutions(name: str, impl: str) -> list[str]:
+    trainer = _tiny_trainer(name, f"model.conv={impl}")
     return _convolutions(trainer._compiled_epoch((2, 8)).as_text())
 
 
@@ -255,14 +258,6 @@ def test_models_agree_across_conv_paths(name):
     np.testing.assert_array_equal(outputs["auto"], outputs["lax"])
 
 
-def _tiny_trainer(name: str, *overrides: str) -> Trainer:
-    rng = np.random.default_rng(0)
-    images = Dataset("tiny", "generated", rng.integers(0, 255, (16, 28, 28), np.uint8),
-                     rng.integers(0, 10, 16), rng.integers(0, 255, (8, 28, 28), np.uint8),
-                     rng.integers(0, 10, 8))
-    return Trainer(load_config(name, ["train.batch_size=8", *overrides]), images)
-
-
 def test_xla_cpu_fusions_none_leaves_the_library_fusions_out():
     """``train.xla_cpu_fusions = "none"`` (ConvNet's setting, measured faster there): the
     compiled training epoch and evaluation hold no YNNPACK fusion, the default ones do; the
@@ -281,4 +276,3 @@ def test_xla_cpu_fusions_none_leaves_the_library_fusions_out():
         trainer.train_epochs(range(1), progress=False, scan=True)
     for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(none.params), strict=True):
         assert_allclose(np.asarray(b), np.asarray(a), 1e-5, "params after one epoch")
-

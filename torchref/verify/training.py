@@ -206,8 +206,9 @@ def training_rows(pair, mapping, batches: Sequence[tuple[np.ndarray, Any]], loss
             row = _judged_as_fed(row, _masked(flax_value, mask), _masked(fed[name], mask),
                                  kind, name)
         if mask is not None:
-            row.detail = (f"update undetermined (gradient at rounding level): {int(mask.sum())}"
-                          f" of {mask.size} entries, left out")
+            row.detail = "; ".join(filter(None, (
+                f"update undetermined (gradient at rounding level): {int(mask.sum())} of "
+                f"{mask.size} entries, left out", row.detail)))
             row.extra["undetermined"] = int(mask.sum())
         return row
 

@@ -62,15 +62,16 @@ def xla_cpu_options(fusions: tuple[str, ...] | None) -> dict[str, str]:
     mlp_mnist 2.4 / 2.8. Evaluation, ms per pass over 10,000 test images: lenet_mnist 312 /
     286, vgg_bn_fashion 637 / 526, resnet_gelu_fashion 927 / 864, convnet_mnist 283 / 279,
     mlp_mnist 53 / 52, simplenet_mnist 550 / 849 (its 20->20 5x5 convolutions gain from
-    YNNPACK). (Naming ELTWISE explicitly made resnet's exact GELU 3.3x slower: XLA expands erfc
-    into a polynomial and the eltwise fusion broadcast each coefficient to a full tensor.)"""
+    YNNPACK); ``python bench/xla_fusions.py CONFIG ...`` measures both. (Naming ELTWISE
+    explicitly made resnet's exact GELU 3.3x slower: XLA expands erfc into a polynomial and
+    the eltwise fusion broadcast each coefficient to a full tensor.)"""
     if fusions is None or jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": ",".join(
         f"LIBRARY_FUSION_TYPE_{name}" for name in fusions)}
 
 
-def training_fusions(setting: str) -> tuple[str, ...] | None:
+def configured_fusions(setting: str) -> tuple[str, ...] | None:
     """``train.xla_cpu_fusions`` -> :func:`xla_cpu_options`' argument (training and
     evaluation alike)."""
     return None if setting == "default" else ()
@@ -184,7 +185,7 @@ class Trainer:
             return jax.value_and_grad(lambda p, o: loss_fn(apply(p, o, x, True)[0], y))(
                 params, other)
 
-        options = xla_cpu_options(training_fusions(cfg["train"]["xla_cpu_fusions"]))
+        options = xla_cpu_options(configured_fusions(cfg["train"]["xla_cpu_fusions"]))
         self.apply = jax.jit(lambda params, other, x: apply(params, other, x)[0],
                              compiler_options=options)
         self._loss_and_gradients = jax.jit(loss_and_gradients)

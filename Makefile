@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: compare test data fashion-data mnist-data lint clean
+.PHONY: compare test data fashion-data mnist-data onednn lint clean
 
-compare: $(VENV)/.installed fashion-data
+compare: $(VENV)/.installed fashion-data onednn
 	@if $(BIN)/jaxnets download mnist; then \
 		$(BIN)/jaxnets compare mlp_mnist; \
 	else \
@@ -18,7 +18,7 @@ compare: $(VENV)/.installed fashion-data
 		$(BIN)/jaxnets compare mlp_fashion; \
 	fi
 
-test: $(VENV)/.installed data
+test: $(VENV)/.installed data onednn
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -51,5 +51,21 @@ fashion-data:
 		echo "note: no apt-get here; jaxnets will load Fashion-MNIST through tensorflow-datasets"; \
 	fi
 
+# JAX's CPU convolutions through oneDNN (jaxnets/onednn.py): Debian's libdnnl-dev where apt
+# is available, then the FFI library compiled against it. Without it "auto" keeps the
+# canonical Eigen path (slower CNN training; the tests that need the library say so).
+ONEDNN_LIB := jaxnets/native/libjaxnets_onednn.so
+onednn: $(ONEDNN_LIB)
+
+$(ONEDNN_LIB): jaxnets/native/onednn_conv.cc $(VENV)/.installed
+	@if [ -f /usr/include/dnnl.hpp ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libdnnl-dev; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+		sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q libdnnl-dev; \
+	fi
+	@if [ -f /usr/include/dnnl.hpp ]; then $(BIN)/python -m jaxnets.onednn build; \
+	else echo "note: no libdnnl-dev here; JAX convolutions stay on XLA's own path"; fi
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(ONEDNN_LIB)

@@ -13,6 +13,7 @@ cumulative).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import threading
@@ -24,13 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from bench.timing import timed, timed_interleaved, warm_up
+from bench.hosts import JAX_MODES, Hosts, framework_of
+from bench.timing import timed, timed_interleaved
 from jaxnets.data import Dataset
 
+__all__ = ["JAX_MODES", "bench_config", "matmul_peak"]
+
 MATMUL_SIZE = 2048
-# jit_step: a jitted call per step, batches gathered on the device; scan: an epoch per call;
-# stream: a jitted call per step on batches gathered on the host, prefetched two ahead
-JAX_MODES = ("jit_step", "scan", "stream")
+# JAX_MODES (bench.hosts): jit_step, a jitted call per step, batches gathered on the
+# device; scan, an epoch per call; stream, a jitted call per step on batches gathered on
+# the host, prefetched two ahead
 
 
 class PeakRSS:
@@ -71,7 +75,7 @@ def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
     jax_t = timed(lambda: jax_mm(ja, jb).block_until_ready(), repeats, lambda: None)
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
-    torch_t = timed(lambda: ta @ tb, repeats, _torch_sync(device))
+    torch_t = timed(lambda: ta @ tb, repeats, torch_sync(device))
     result = {"jax_gflops": flops / jax_t["median_s"] / 1e9,
               "torch_gflops": flops / torch_t["median_s"] / 1e9}
     result["matmul_peak_gflops"] = max(result.values())
@@ -79,7 +83,7 @@ def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, float]:
     return result
 
 
-def _torch_sync(device: str) -> Callable[[], None]:
+def torch_sync(device: str) -> Callable[[], None]:
     import torch
 
     return torch.cuda.synchronize if device == "gpu" else (lambda: None)
@@ -166,91 +170,60 @@ def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict,
     return cfg, dataset.head(limit), range(1)
 
 
-def _mode_units(mode: str, unit_cfg: dict, unit_data: Dataset, epochs: range, device: str):
-    """(train unit, inference unit, wait-for-results, test examples) of one mode."""
-    import torch
-
-    from jaxnets.spec import data_input_shape
-    from jaxnets.train import Trainer as JaxTrainer
-    from torchref.models import build_model as build_torch
-    from torchref.train import Trainer as TorchTrainer
-
-    if mode in JAX_MODES:
-        trainer = JaxTrainer(unit_cfg, unit_data)
-
-        def train_unit():
-            return trainer.train_epochs(epochs, progress=False, scan=(mode == "scan"),
-                                        stream=(mode == "stream"))
-
-        return train_unit, trainer.evaluate, lambda: None, len(trainer.test_x)
-    torch_device = "cuda" if device == "gpu" else "cpu"
-    model = build_torch(unit_cfg["model"], unit_cfg["seed"],
-                        data_input_shape(unit_cfg)).to(torch_device)
-    if mode == "compile":
-        model = torch.compile(model)
-    trainer = TorchTrainer(unit_cfg, unit_data, model=model, device=torch_device)
-
-    def torch_train_unit():
-        return trainer.train_epochs(epochs, progress=False)
-
-    return torch_train_unit, trainer.evaluate, _torch_sync(device), len(trainer.test_x)
-
-
 def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
                  device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "stream",
                                                                  "eager", "compile"),
-                 echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                 echo: Callable[[str], None] = print,
+                 hosts: Hosts | None = None) -> list[dict[str, Any]]:
     """Train and inference measurements for every mode of one config. Every mode is built
-    and warmed up first; then the modes are timed in turn within each repeat (A B C A B C
-    ...), training first, then inference (:func:`bench.timing.timed_interleaved`)."""
+    and warmed up first, each framework in its own worker process (``hosts``, default a
+    fresh isolated pair: bench.hosts says why); then the modes are timed in turn within each
+    repeat (A B C A B C ...), training first, then inference
+    (:func:`bench.timing.timed_interleaved`)."""
+    if hosts is None:
+        with Hosts(device) as own:
+            return bench_config(cfg, dataset, repeats, steps, device, modes, echo, own)
     unit_cfg, unit_data, epochs = bench_unit(cfg, dataset, steps)
     flops = {"train": training_flops(cfg), "infer": forward_flops(cfg)}
-    if "compile" in modes:
-        import torch
-
-        # every config's model runs the same ``forward`` code object, and dynamo stops
-        # compiling a code object after ``recompile_limit`` (8) guard failures: from the
-        # seventh config on, "compile" ran eager ("torch._dynamo hit config.recompile_limit")
-        torch._dynamo.reset()
-    rows, units, peak_rss = [], {}, {}
+    for framework in {framework_of(m) for m in modes}:
+        hosts.for_framework(framework)
+    for host in hosts.active():
+        host.reset()
+    rows, built = [], {}
     for mode in modes:
-        framework = "jax" if mode in JAX_MODES else "torch"
+        host = hosts.for_framework(framework_of(mode))
         try:
-            with PeakRSS() as rss:
-                train_unit, infer_unit, sync, test_examples = _mode_units(
-                    mode, unit_cfg, unit_data, epochs, device)
-                warm = {"train": warm_up(train_unit, sync), "infer": warm_up(infer_unit, sync)}
+            built[mode] = host.build(mode, unit_cfg, unit_data, epochs)
         except Exception as exc:  # torch.compile needs a working C++ toolchain, for one
             echo(f"  {cfg['name']} {mode}: failed ({type(exc).__name__}: "
                  f"{str(exc).splitlines()[0] if str(exc) else ''})")
-            rows.append({"config": cfg["name"], "framework": framework, "mode": mode,
+            rows.append({"config": cfg["name"], "framework": framework_of(mode), "mode": mode,
                          "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        units[mode] = (train_unit, infer_unit, sync, test_examples, warm)
-        peak_rss[mode] = rss.peak
     train_examples = len(epochs) * min(len(unit_data.train_x),
                                        steps * unit_cfg["train"]["batch_size"])
     for phase in ("train", "infer"):
-        index = 0 if phase == "train" else 1
-        results = timed_interleaved({mode: (u[index], u[2]) for mode, u in units.items()},
-                                    repeats, warm_up_first=False)
+        runners = {mode: functools.partial(hosts.for_framework(framework_of(mode)).run, mode,
+                                           phase) for mode in built}
+        results = timed_interleaved(runners, repeats, warm_up_first=False,
+                                    workers=hosts.worker_pids())
         for mode, result in results.items():
-            examples = train_examples if phase == "train" else units[mode][3]
-            warmup_s = units[mode][4][phase]
+            examples = train_examples if phase == "train" else built[mode]["test_examples"]
+            warmup_s = built[mode]["warm"][phase]
             per_s = examples / result["median_s"]
             rows.append({
-                "config": cfg["name"], "framework": "jax" if mode in JAX_MODES else "torch",
+                "config": cfg["name"], "framework": framework_of(mode),
                 "mode": mode, "phase": phase, "samples_per_s": per_s,
                 "samples_per_s_min": examples / result["max_s"],
                 "samples_per_s_max": examples / result["min_s"],
                 "gflops": per_s * flops[phase] / 1e9,
                 "compile_s": max(0.0, warmup_s - result["median_s"]), "repeats": repeats,
                 "median_s": result["median_s"], "examples": examples,
-                "peak_rss_mb": peak_rss[mode] / 2**20,
+                "peak_rss_mb": built[mode]["peak_rss"] / 2**20,
                 **{k: result[k] for k in ("spread", "load_before", "load_after",
                                           "competing_cores", "unstable", "times_s")},
             })
-    for mode in units:
+    for mode in built:
         train, infer = (next(r for r in rows if r.get("phase") == phase and r["mode"] == mode)
                         for phase in ("train", "infer"))
         echo(f"  {cfg['name']:<18} {mode:<8} train {train['samples_per_s']:>10,.0f}/s  "

@@ -34,28 +34,40 @@ def _busy_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def _own_seconds(process: psutil.Process) -> float:
+def _own_seconds(process: psutil.Process, workers: tuple[int, ...] = ()) -> float:
+    """This process's CPU seconds, those of ``workers`` (the bench's worker processes'
+    pids) included."""
     t = process.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for pid in workers:
+        try:
+            c = psutil.Process(pid).cpu_times()
+        except psutil.Error:  # exited in between
+            continue
+        total += c.user + c.system
+    return total
 
 
 class CompetingLoad:
     """Context manager: ``cores``, the average number of cores that *other* processes kept
-    busy while it was open (the machine's busy time less this process's own)."""
+    busy while it was open (the machine's busy time less this process's own and its
+    ``workers'``)."""
 
-    def __init__(self):
+    def __init__(self, workers: tuple[int, ...] = ()):
         self._process = psutil.Process(os.getpid())
+        self._workers = tuple(workers)
         self.cores = 0.0
 
     def __enter__(self) -> CompetingLoad:
-        self._start = (time.perf_counter(), _busy_seconds(), _own_seconds(self._process))
+        self._start = (time.perf_counter(), _busy_seconds(),
+                       _own_seconds(self._process, self._workers))
         return self
 
     def __exit__(self, *exc) -> None:
         wall, busy, own = self._start
         wall = time.perf_counter() - wall
         busy = _busy_seconds() - busy
-        own = _own_seconds(self._process) - own
+        own = _own_seconds(self._process, self._workers) - own
         self.cores = max(0.0, busy - own) / wall if wall > 0 else 0.0
 
 
@@ -67,33 +79,48 @@ def warm_up(unit: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def timed_interleaved(units: dict[str, tuple[Callable[[], Any], Callable[[], None]]],
-                      repeats: int, warm_up_first: bool = True) -> dict[str, dict[str, Any]]:
-    """``units``: name -> (run once, wait for its results). Each is warmed up once (unless
+Runner = Callable[[int], float]  # runs a unit ``count`` times, results waited for: seconds
+
+
+def local_runner(unit: Callable[[], Any], sync: Callable[[], None]) -> Runner:
+    """A unit and its wait-for-results, timed in this process."""
+    def run(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            unit()
+        sync()
+        return time.perf_counter() - start
+
+    return run
+
+
+def timed_interleaved(units: dict[str, tuple[Callable[[], Any], Callable[[], None]] | Runner],
+                      repeats: int, warm_up_first: bool = True,
+                      workers: tuple[int, ...] = ()) -> dict[str, dict[str, Any]]:
+    """``units``: name -> (run once, wait for its results), or a :data:`Runner` (which may
+    time its unit in another process: bench.hosts). Each is warmed up once (unless
     ``warm_up_first`` is False), then timed ``repeats`` times in turn, A B C A B C ...
 
     Returns, per name: median, min and max seconds, ``times_s``, the warm-up's excess over
     the median (``compile_s``: compilation, autotuning, first-touch allocation),
     ``spread`` (max / min), ``load_before``/``load_after`` (1-minute load average around each
-    timed run), ``competing_cores`` (other processes' CPU use while the units ran) and
+    timed run), ``competing_cores`` (other processes' CPU use while the units ran; the
+    ``workers``, pids of processes timing units for this one, count as its own) and
     ``unstable`` (a list of reasons, empty when the measurement is trusted); a unit shorter
     than ``MIN_RUN_S`` is run ``runs_per_timing`` times per timed run and its time divided."""
-    warmup = {name: warm_up(unit, sync) if warm_up_first else 0.0
-              for name, (unit, sync) in units.items()}
+    runners = {name: local_runner(*u) if isinstance(u, tuple) else u
+               for name, u in units.items()}
+    warmup = {name: run(1) if warm_up_first else 0.0 for name, run in runners.items()}
     # runs of each unit per timed run: enough to last MIN_RUN_S (one untimed run measures it)
-    count = {name: max(1, math.ceil(MIN_RUN_S / max(warm_up(unit, sync), 1e-9)))
-             for name, (unit, sync) in units.items()}
-    times = {name: [] for name in units}
-    loads = {name: [] for name in units}
-    with CompetingLoad() as competing:
+    count = {name: max(1, math.ceil(MIN_RUN_S / max(run(1), 1e-9)))
+             for name, run in runners.items()}
+    times = {name: [] for name in runners}
+    loads = {name: [] for name in runners}
+    with CompetingLoad(workers) as competing:
         for _ in range(repeats):
-            for name, (unit, sync) in units.items():
+            for name, run in runners.items():
                 before = os.getloadavg()[0]
-                start = time.perf_counter()
-                for _ in range(count[name]):
-                    unit()
-                sync()
-                times[name].append((time.perf_counter() - start) / count[name])
+                times[name].append(run(count[name]) / count[name])
                 loads[name].append((before, os.getloadavg()[0]))
     results = {}
     for name, t in times.items():

@@ -405,6 +405,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     from bench import measure, report, timing
+    from bench.hosts import Hosts
     from jaxnets.data import load_dataset
 
     if args.devices != 1:
@@ -417,9 +418,10 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
           + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
              if peak["matmul_peak_unstable"] else ""))
     rows = []
-    for cfg in _configs_on_images(args.configs, args.dataset):
-        rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats, args.steps,
-                                     args.device, modes)
+    with Hosts(args.device) as hosts:  # a worker process per framework (bench.hosts)
+        for cfg in _configs_on_images(args.configs, args.dataset):
+            rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats,
+                                         args.steps, args.device, modes, hosts=hosts)
     out = Path(args.out or "runs/bench")
     report.write(out, report.machine_info(args.device, peak, threads), rows,
                  " ".join(["jaxnets", *sys.argv[1:]]))

@@ -52,8 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "init": "torch",
         # Standard deviation of the "normal" init (d2l: N(0, 0.01^2) weights).
         "init_std": 0.01,
-        # JAX convolutions: "lax", "canonical", "im2col" or "auto" (jaxnets/conv.py)
-        # ("canonical" on the CPU, where it was measured faster, lax elsewhere).
+        # JAX convolutions: "auto", "lax", "canonical", "im2col" or "onednn" (jaxnets/conv.py)
+        # ("auto": on the CPU oneDNN where it is built (float32), else "canonical", both
+        # measured faster than lax there; lax elsewhere).
         "conv": "auto",
         # name = "Sequential": the network as a list of layer tables (jaxnets/spec.py), e.g.
         # [{type = "conv2d", out = 16, kernel = 3}, {type = "relu"}, {type = "flatten"},
@@ -105,7 +106,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dropout_masks": ("shared", "jax"),
     "model.activation": ("relu", "sigmoid", "tanh", "none"),
     "model.init": ("torch", "flax", "normal"),
-    "model.conv": ("auto", "lax", "canonical", "im2col"),
+    "model.conv": ("auto", "lax", "canonical", "im2col", "onednn"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "train.loss": ("cross_entropy", "mse"),
     "train.metric": ("accuracy", "rounded_accuracy", "none"),

@@ -45,10 +45,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxnets.conv_im2col import conv2d_im2col, conv_general_dilated_im2col
+from jaxnets.errors import JaxnetsError
 
 __all__ = ["IMPLEMENTATIONS", "conv2d_im2col", "conv_canonical", "conv_for", "max_pool_2x2"]
 
-IMPLEMENTATIONS = ("auto", "lax", "canonical", "im2col")
+IMPLEMENTATIONS = ("auto", "lax", "canonical", "im2col", "onednn")
 NHWC = ("NHWC", "HWIO", "NHWC")  # the canonical dimension numbers, the only Eigen takes
 Pairs = tuple[tuple[int, int], ...]
 
@@ -185,6 +186,27 @@ def _is_nhwc(dimension_numbers) -> bool:
     return tuple(dimension_numbers) == NHWC
 
 
+def _routable(lhs, dimension_numbers, lhs_dilation, batch_group_count,
+              preferred_element_type, out_sharding) -> bool:
+    """A 2-D NHWC/HWIO convolution without input dilation or batch groups: what
+    ``nnx.Conv`` asks for, and what the canonical and oneDNN paths cover."""
+    spatial = lhs.ndim - 2
+    return (spatial == 2 and _is_nhwc(dimension_numbers) and batch_group_count == 1
+            and all(d == 1 for d in (lhs_dilation or (1,) * spatial))
+            and preferred_element_type is None and out_sharding is None)
+
+
+def _lax(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+         preferred_element_type=None, out_sharding=None, **_) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding)
+
+
 def conv_general_dilated_canonical(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                    rhs_dilation=None, dimension_numbers=None,
                                    feature_group_count=1, batch_group_count=1, precision=None,
@@ -194,28 +216,51 @@ def conv_general_dilated_canonical(lhs, rhs, window_strides, padding, lhs_dilati
     every 2-D NHWC/HWIO convolution (what ``nnx.Conv`` asks for: any kernel, stride,
     padding, dilation and groups); anything else (input dilation, batch groups, other
     layouts or ranks) goes to ``lax`` unchanged."""
-    spatial = lhs.ndim - 2
-    dilation = tuple(rhs_dilation or (1,) * spatial)
-    ours = (spatial == 2 and _is_nhwc(dimension_numbers) and batch_group_count == 1
-            and all(d == 1 for d in (lhs_dilation or (1,) * spatial))
-            and preferred_element_type is None and out_sharding is None)
-    if not ours:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-            precision=precision, preferred_element_type=preferred_element_type,
-            out_sharding=out_sharding)
+    if not _routable(lhs, dimension_numbers, lhs_dilation, batch_group_count,
+                     preferred_element_type, out_sharding):
+        return _lax(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                    preferred_element_type, out_sharding)
+    dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
-    return conv_canonical(lhs, rhs, strides, pads, tuple(int(d) for d in dilation),
-                          int(feature_group_count), precision, kernel_gradient)
+    return conv_canonical(lhs, rhs, strides, pads, dilation, int(feature_group_count),
+                          precision, kernel_gradient)
+
+
+def _onednn_covers(lhs, rhs, dimension_numbers=None, lhs_dilation=None,
+                   feature_group_count=1, batch_group_count=1, precision=None,
+                   preferred_element_type=None, out_sharding=None, **_) -> bool:
+    """float32, one group, default precision, on top of :func:`_routable` (oneDNN has no
+    float64 convolution; float64 stays on the canonical path, bit-equal to lax)."""
+    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+            and feature_group_count == 1 and precision is None
+            and _routable(lhs, dimension_numbers, lhs_dilation, batch_group_count,
+                          preferred_element_type, out_sharding))
+
+
+def conv_general_dilated_onednn(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+    """``lax.conv_general_dilated``'s signature through :func:`jaxnets.onednn.conv_onednn`
+    where oneDNN covers the convolution; the canonical path elsewhere."""
+    from jaxnets import onednn
+
+    if not _onednn_covers(lhs, rhs, **kwargs):
+        return conv_general_dilated_canonical(lhs, rhs, window_strides, padding, **kwargs)
+    dilation = tuple(int(d) for d in (kwargs.get("rhs_dilation") or (1, 1)))
+    strides = tuple(int(s) for s in window_strides)
+    pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
+    return onednn.conv_onednn(lhs, rhs, strides, pads, dilation)
 
 
 def _conv_auto(*args, **kwargs) -> jax.Array:
-    """The canonical path on the CPU, ``lax`` on every other platform, picked when the
+    """On the CPU: oneDNN where it is built and covers the convolution (float32, one
+    group), else the canonical path; ``lax`` on every other platform, picked when the
     computation is lowered for the device it runs on."""
+    from jaxnets import onednn
+
     def on_cpu(lhs, rhs):
+        if onednn.available() and _onednn_covers(lhs, rhs, **kwargs):
+            return conv_general_dilated_onednn(lhs, rhs, *args[2:], **kwargs)
         # one input channel: the kernel gradient as a matmul (_kernel_gradient_matmul)
         thin = rhs.shape[-2] == 1 and kwargs.get("feature_group_count", 1) == 1
         return conv_general_dilated_canonical(lhs, rhs, *args[2:], **kwargs,
@@ -231,15 +276,22 @@ _BY_NAME: dict[str, Callable[..., jax.Array]] = {
     "lax": jax.lax.conv_general_dilated,
     "canonical": conv_general_dilated_canonical,
     "im2col": conv_general_dilated_im2col,
+    "onednn": conv_general_dilated_onednn,
     "auto": _conv_auto,
 }
 
 
 def conv_for(impl: str) -> Callable[..., jax.Array]:
     """``model.conv`` -> the function ``nnx.Conv`` calls as ``conv_general_dilated``
-    (``lax.conv_general_dilated``'s signature): "auto", "lax", "canonical" or "im2col"."""
+    (``lax.conv_general_dilated``'s signature): one of IMPLEMENTATIONS."""
     if impl not in _BY_NAME:
         raise ValueError(f"model.conv {impl!r}: choose one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "onednn":
+        from jaxnets import onednn
+
+        if onednn.unavailable_reason() is not None:
+            # a setup problem, not a bad value: exit 1 with the way to build it
+            raise JaxnetsError(f"model.conv 'onednn': {onednn.unavailable_reason()}")
     return _BY_NAME[impl]
 
 

@@ -122,20 +122,49 @@ def test_compile_mode_compiles_every_config_afresh(monkeypatch):
     """Every config's torch model runs the same ``forward``, and dynamo stops compiling a code
     object after ``recompile_limit`` recompilations: a full bench run hit it at the seventh
     config and measured "compile" eagerly from there on. ``bench_config`` resets dynamo per
-    config; with the limit lowered to what one config needs, two configs in a row compile
-    (frames compiled by dynamo counted in each)."""
+    config (its torch host's ``reset``); with the limit lowered to what one config needs, two
+    configs in a row on one host compile (frames compiled by dynamo counted in each; the host
+    is this process, where the counters can be read)."""
     import torch
     from torch._dynamo.utils import counters
+
+    from bench.hosts import Hosts
 
     # one config compiles 2 graphs (training and evaluation): without the reset the second
     # config compiled none at this limit, with it 2
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     compiled = []
-    for name in ("spiral_linear", "spiral_relu"):
-        cfg = load_config(name)
-        data = load_generated("spiral", cfg["data"]["seed"])
-        before = counters["stats"]["unique_graphs"]
-        measure.bench_config(cfg, data, repeats=1, steps=2, modes=("compile",),
-                             echo=lambda _: None)
-        compiled.append(counters["stats"]["unique_graphs"] - before)
+    with Hosts(isolated=False) as hosts:
+        for name in ("spiral_linear", "spiral_relu"):
+            cfg = load_config(name)
+            data = load_generated("spiral", cfg["data"]["seed"])
+            before = counters["stats"]["unique_graphs"]
+            measure.bench_config(cfg, data, repeats=1, steps=2, modes=("compile",),
+                                 echo=lambda _: None, hosts=hosts)
+            compiled.append(counters["stats"]["unique_graphs"] - before)
     assert all(count > 0 for count in compiled), compiled
+
+
+def test_each_framework_is_timed_in_a_process_of_its_own():
+    """The default hosts: a JAX worker that never loads PyTorch (whose OpenMP runtime JAX's
+    oneDNN convolutions would share: bench.hosts) and a PyTorch worker, neither this
+    process; a failure in a worker comes back as one line."""
+    import os
+
+    import pytest
+
+    from bench.hosts import Hosts, WorkerError
+
+    cfg = load_config("spiral_relu")
+    data = load_generated("spiral", cfg["data"]["seed"])
+    with Hosts() as hosts:
+        rows = measure.bench_config(cfg, data, repeats=1, steps=2, modes=("scan", "eager"),
+                                    echo=lambda _: None, hosts=hosts)
+        jax_host, torch_host = hosts.for_framework("jax"), hosts.for_framework("torch")
+        assert len({jax_host.pid, torch_host.pid, os.getpid()}) == 3
+        assert jax_host.loaded("jaxnets.train") and not jax_host.loaded("torch")
+        assert torch_host.loaded("torch")
+        assert len(rows) == 4 and all(r["samples_per_s"] > 0 for r in rows)
+        with pytest.raises(WorkerError, match=r"^KeyError: 'nope'$"):
+            jax_host.run("nope", "train", 1)
+        assert jax_host.loaded("jaxnets.train")  # the worker is still serving

@@ -103,12 +103,20 @@ def _assert_within_summation_bound(dk, dk_ref, x, kernel, stride, padding, dilat
     assert np.all(np.abs(np.asarray(dk) - np.asarray(dk_ref)) <= slack)
 
 
+@pytest.fixture
+def without_onednn(monkeypatch):
+    """"auto" as it runs where jaxnets.onednn is not built: the canonical path on the CPU."""
+    from jaxnets import onednn
+
+    monkeypatch.setattr(onednn, "available", lambda: False)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", [(5, 1, ((2, 2), (2, 2)), 1), (3, 2, "VALID", 2)], ids=str)
-def test_auto_one_input_channel_kernel_gradient_as_matmul(case, dtype):
-    """"auto" on the CPU takes a one-input-channel layer's kernel gradient as a matmul:
-    forward and input gradient still bit-identical, the kernel gradient within the
-    summation bound."""
+def test_auto_one_input_channel_kernel_gradient_as_matmul(case, dtype, without_onednn):
+    """"auto" on the CPU without oneDNN takes a one-input-channel layer's kernel gradient as
+    a matmul: forward and input gradient still bit-identical, the kernel gradient within
+    the summation bound."""
     kernel_size, stride, padding, dilation = case
     rng = np.random.default_rng(3)
     with jax.enable_x64(dtype == "float64"):
@@ -151,10 +159,11 @@ def _compiled_epoch_convolutions(name: str, impl: str) -> list[str]:
     return _convolutions(trainer._compiled_epoch((2, 8)).as_text())
 
 
-def test_no_convolution_of_the_scanned_training_epoch_falls_back():
-    """The epoch's ``lax.scan`` compiled for the CPU: with the canonical VJP ("auto") every
-    convolution, forwards and gradients, is in Eigen's form; with ``lax``
-    some are not (the fallback this path exists to avoid), so the check can fail."""
+def test_no_convolution_of_the_scanned_training_epoch_falls_back(without_onednn):
+    """The epoch's ``lax.scan`` compiled for the CPU: with the canonical VJP ("auto" without
+    oneDNN) every convolution, forwards and gradients, is in Eigen's form; with ``lax``
+    some are not (the fallback this path exists to avoid), so the check can fail.
+    (With oneDNN no XLA convolution is left: test_onednn.py.)"""
     # SimpleNet has both kinds of layer (1 -> 20 and 20 -> 20 channels); the three CNNs
     # pass alike (checked once, left out to keep the suite short)
     ours = _compiled_epoch_convolutions("simplenet_mnist", "auto")
@@ -165,7 +174,7 @@ def test_no_convolution_of_the_scanned_training_epoch_falls_back():
                    for line in _compiled_epoch_convolutions("convnet_mnist", "lax"))
 
 
-def test_auto_is_resolved_where_the_computation_is_placed():
+def test_auto_is_resolved_where_the_computation_is_placed(without_onednn):
     """A model built while another backend is the default still runs the CPU path when it
     is lowered for the CPU: the choice is made at lowering, not at construction."""
     model = build_model(load_config("simplenet_mnist")["model"], seed=0)

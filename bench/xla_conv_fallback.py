@@ -11,9 +11,9 @@ the milliseconds per training step of ``lax.conv``'s autodiff and of the same co
 with a custom VJP whose gradients are written as canonical NHWC/HWIO convolutions
 (``jaxnets.conv.conv_canonical`` does this for the project), each as one jitted call per step
 and inside a ``lax.scan``, plus the non-canonical convolutions of each compiled program.
-``--compare`` adds ``jaxnets``' own paths (lax, canonical, im2col, auto) for every seed
-network convolution, timed interleaved (A B C A B C ...) in this one process; ``--models``
-the seed CNNs whole, per ``model.conv``.
+``--compare`` adds ``jaxnets``' own paths (lax, canonical, im2col, auto, and oneDNN where it
+is built) for every seed network convolution, timed interleaved (A B C A B C ...) in this one
+process; ``--models`` the seed CNNs whole, per ``model.conv``.
 """
 
 from __future__ import annotations
@@ -117,10 +117,48 @@ def reproduce(repeats: int) -> None:
         print(f"{name}  {1000 * seconds / STEPS:8.2f} ms/step")
 
 
+def _xla_forward_onednn_backward():
+    """XLA's forward with oneDNN's two backward passes: the mix ``jaxnets.onednn`` measured
+    against running all three through oneDNN."""
+    from jaxnets import onednn
+
+    @partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def conv(x, w, pad):
+        return lax_conv(x, w, pad)
+
+    def fwd(x, w, pad):
+        return lax_conv(x, w, pad), (x, w)
+
+    def bwd(pad, res, dy):
+        return onednn._backward((1, 1), ((pad, pad), (pad, pad)), (1, 1), res, dy)
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
 def compare(repeats: int) -> None:
-    """jaxnets' paths for the seed networks' convolutions, training steps in a scan."""
+    """jaxnets' paths for the seed networks' convolutions: training steps in a scan, and the
+    forward alone at the training batch and at the evaluation batch (1000). With oneDNN
+    built: its own rows, the XLA-forward/oneDNN-backward mix, and oneDNN's forward (what
+    ``jaxnets.onednn`` chose from)."""
+    from jaxnets import onednn
     from jaxnets.conv import conv_for
 
+    def path(impl):
+        conv = conv_for(impl)
+
+        def layer(x, w, pad):
+            return conv(x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=NHWC)
+
+        return layer
+
+    trains = {impl: path(impl) for impl in IMPLS}
+    forwards = dict(trains)
+    if onednn.available():
+        trains["onednn"] = path("onednn")
+        trains["xla fwd + onednn bwd"] = _xla_forward_onednn_backward()
+        forwards["onednn"] = lambda x, w, pad: onednn._onednn_forward(
+            x, w, (1, 1), ((pad, pad), (pad, pad)), (1, 1))
     # (name, batch, size, in, out, kernel, padding)
     layers = [("lenet.conv1", 64, 28, 1, 6, 3, 1), ("lenet.conv2", 64, 14, 6, 16, 5, 0),
               ("simplenet.conv1", 100, 28, 1, 20, 5, 2), ("simplenet.conv2", 100, 14, 20, 20, 5, 2),
@@ -128,25 +166,23 @@ def compare(repeats: int) -> None:
     rng = np.random.default_rng(0)
     for name, n, size, c, o, k, pad in layers:
         x = jnp.asarray(rng.standard_normal((STEPS, n, size, size, c)), jnp.float32)
+        big = jnp.asarray(rng.standard_normal((1000, size, size, c)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((k, k, c, o)) * 0.05, jnp.float32)
         units = {}
-        for impl in IMPLS:
-            conv = conv_for(impl)
-
-            def layer(x, w, pad, conv=conv):
-                return conv(x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=NHWC)
-
+        for impl, layer in trains.items():
             # the first layer's input gradient is never needed (its input is the data)
             _, epoch = programs(layer, pad, input_gradient=c > 1)
             units[impl] = lambda epoch=epoch, x=x, w=w: epoch(w, x)
+        for impl, layer in forwards.items():
             forward = jax.jit(lambda x, w, layer=layer, pad=pad: layer(x, w, pad))
             units[f"{impl} forward"] = lambda f=forward, x=x, w=w: f(x[0], w)
+            units[f"{impl} forward 1000"] = lambda f=forward, w=w, big=big: f(big, w)
         result = time_interleaved(units, repeats)
         print(f"{name:<16} train ms/step: " + ", ".join(
-            f"{impl} {1000 * result[impl] / STEPS:.2f}" for impl in IMPLS)
-            + " | forward ms: " + ", ".join(
-            f"{impl} {1000 * result[f'{impl} forward']:.2f}"
-            for impl in IMPLS))
+            f"{impl} {1000 * result[impl] / STEPS:.2f}" for impl in trains))
+        print(f"{'':<16} forward ms (batch {n} / 1000): " + ", ".join(
+            f"{impl} {1000 * result[f'{impl} forward']:.2f} / "
+            f"{1000 * result[f'{impl} forward 1000']:.2f}" for impl in forwards))
 
 
 def compare_models(repeats: int, steps: int = 50) -> None:
@@ -162,7 +198,7 @@ def compare_models(repeats: int, steps: int = 50) -> None:
         overrides = data_overrides("fashion_mnist", None)
         data = load_dataset(load_config(name, overrides)["data"])
         units, examples = {}, {}
-        for impl in ("im2col", "auto", "lax"):
+        for impl in ("im2col", "canonical", "auto", "lax"):
             cfg, unit_data, epochs = bench_unit(
                 load_config(name, [*overrides, f"model.conv={impl}"]), data, steps)
             trainer = Trainer(cfg, unit_data)

@@ -1,18 +1,26 @@
 """2-D float32 convolutions through oneDNN (the library PyTorch's CPU convolutions use), as
-XLA FFI calls: the CPU training path of ``model.conv = "auto"``.
+XLA FFI calls: the CPU float32 path of ``model.conv = "auto"``.
 
 Why. XLA:CPU (jaxlib 0.10) has no oneDNN path left, and its Eigen/YNNPACK convolutions are
-slow on the small CNNs' layers, in their backward passes above all. Measured on a 2-core
-Xeon (AVX-512), one training step of one layer inside a ``lax.scan`` (forward, both
-gradients; ``python bench/onednn_conv.py``), oneDNN against the canonical Eigen path:
-ConvNet conv1 0.78 against 2.29 ms, conv2 0.98 against 1.69, LeNet conv1 0.99 against 3.29,
-SimpleNet's 20->20 5x5 4.9 against 10.5 ms; Eigen's forward with oneDNN's two backward
-passes was slower than oneDNN throughout (1.59 to 6.3 ms), so training runs all three
-through oneDNN. For inference the forward is chosen per layer (:func:`forward_choice`).
+slow on the small CNNs' layers, their backward passes above all. Measured on a quiet 2-core
+Xeon (AVX-512) with ``python bench/xla_conv_fallback.py --compare --repeats 5``, one training
+step of each seed CNN layer inside a ``lax.scan``, oneDNN against the canonical Eigen path
+(jaxnets.conv): LeNet conv1 0.52 against 2.01 ms, conv2 1.56 against 2.67; SimpleNet conv1
+2.05 against 7.04, conv2 6.57 against 12.85; ConvNet conv1 0.86 against 3.12, conv2 1.87
+against 3.61. XLA's forward with oneDNN's two backward passes was slower than all three in
+oneDNN on every layer (1.42 to 8.01 ms), so training runs all three through oneDNN. The
+forward alone at batch 1000 (inference): oneDNN 2.6 to 23.8 ms against XLA's 6.0 to 49.2.
+Whole models' inference (``jaxnets bench``, three repeats), oneDNN for every forward against
+XLA's forward wherever a layer has more than one input channel: ConvNet 75,160 against
+67,267 samples/s, ResNet 18,221 against 12,954, the stride-2 CNN 126,986 against 123,927,
+SimpleNet 15,923 against 18,517; so every forward is oneDNN's (SimpleNet's 20->20 5x5 the
+one layer measured slower there).
 
 The kernel is C++ (``jaxnets/native/onednn_conv.cc``) built against Debian's ``libdnnl-dev``
 by ``python -m jaxnets.onednn build`` (``make`` runs it). Without the built library,
-``available()`` is False and "auto" keeps the canonical Eigen path (jaxnets/conv.py).
+``available()`` is False and "auto" keeps the canonical Eigen path (jaxnets.conv). PyTorch's
+wheel ships its own ``libgomp.so.1``, which this oneDNN then shares: ``jaxnets bench`` times
+each framework in its own process for that reason (bench/hosts.py).
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ __all__ = [
     "available",
     "build",
     "conv_onednn",
-    "forward_choice",
     "unavailable_reason",
 ]
 
@@ -98,21 +105,6 @@ def _out_shape(x_shape, kernel_shape, strides, padding, dilation) -> tuple[int, 
     return (x_shape[0], *spatial, kernel_shape[-1])
 
 
-def forward_choice(in_channels: int) -> str:
-    """Which forward an inference (undifferentiated) call runs: "onednn" for one input
-    channel, "xla" otherwise. Measured with ``python bench/onednn_conv.py`` (2-core Xeon,
-    the forward alone inside a ``lax.map``, batch 64 and 1000): for one input channel
-    oneDNN took 0.32-0.37 ms against XLA's 1.3-2.0 (batch 64) and 3.7 against 17.7 ms
-    (batch 1000); for ConvNet's 10->20 and SimpleNet's 20->20 layers XLA's own forward was
-    faster (0.39 against 0.48 ms, 1.78 against 2.33 ms)."""
-    return "onednn" if in_channels == 1 else "xla"
-
-
-def _xla_forward(x, kernel, strides, padding, dilation):
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _onednn_forward(x, kernel, strides, padding, dilation):
     return _call("Forward", _out_shape(x.shape, kernel.shape, strides, padding, dilation),
                  x, kernel, strides=strides, padding=padding, dilation=dilation)
@@ -123,11 +115,8 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                 padding: tuple[tuple[int, int], tuple[int, int]],
                 dilation: tuple[int, int]) -> jax.Array:
     """x (N, H, W, C) float32, kernel (kh, kw, C, O) -> (N, H', W', O), one group, explicit
-    padding pairs. Undifferentiated: the forward :func:`forward_choice` names; under
-    differentiation: oneDNN's forward and its two backward passes."""
-    if forward_choice(x.shape[-1]) == "onednn":
-        return _onednn_forward(x, kernel, strides, padding, dilation)
-    return _xla_forward(x, kernel, strides, padding, dilation)
+    padding pairs; the forward and both gradients are oneDNN's."""
+    return _onednn_forward(x, kernel, strides, padding, dilation)
 
 
 def _forward(x, kernel, strides, padding, dilation):

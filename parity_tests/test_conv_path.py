@@ -264,7 +264,12 @@ def test_models_agree_across_conv_paths(name):
         outputs[impl] = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
     assert_allclose(outputs["im2col"], outputs["lax"], 1e-5, f"{name} im2col vs lax")
     np.testing.assert_array_equal(outputs["canonical"], outputs["lax"])
-    np.testing.assert_array_equal(outputs["auto"], outputs["lax"])
+    from jaxnets import onednn
+
+    if onednn.available():  # oneDNN sums in its own order: its bound is test_onednn.py's
+        assert_allclose(outputs["auto"], outputs["lax"], 1e-5, f"{name} auto vs lax")
+    else:  # the canonical path
+        np.testing.assert_array_equal(outputs["auto"], outputs["lax"])
 
 
 def test_xla_cpu_fusions_none_leaves_the_library_fusions_out():

@@ -30,6 +30,7 @@ def machine_info(device: str, peak: dict[str, float],
     import psutil
     import torch
 
+    from jaxnets import onednn
     from torchref.numerics import read_numerics
 
     info = {
@@ -39,7 +40,9 @@ def machine_info(device: str, peak: dict[str, float],
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "flax": flax.__version__, "optax": optax.__version__,
-                     "torch": torch.__version__},
+                     "torch": torch.__version__,
+                     # what JAX's float32 CPU convolutions run through (jaxnets.onednn)
+                     "onednn (JAX CPU convolutions)": onednn.version() or "not built"},
         **peak,
     }
     info["numerics"] = read_numerics()  # as both frameworks report them, inside the run

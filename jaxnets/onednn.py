@@ -42,6 +42,7 @@ __all__ = [
     "build",
     "conv_onednn",
     "unavailable_reason",
+    "version",
 ]
 
 NATIVE = Path(__file__).with_name("native")
@@ -84,6 +85,22 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+class _DnnlVersion(ctypes.Structure):  # dnnl_version_t, <dnnl_types.h>
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint),
+                ("gpu_runtime", ctypes.c_uint)]
+
+
+def version() -> str | None:
+    """The oneDNN the library runs ("2.6.3"), None where it is not available."""
+    if not available():
+        return None
+    dnnl_version = ctypes.CDLL(str(LIBRARY)).dnnl_version  # found in its libdnnl dependency
+    dnnl_version.restype = ctypes.POINTER(_DnnlVersion)
+    v = dnnl_version().contents
+    return f"{v.major}.{v.minor}.{v.patch}"
 
 
 def _attrs(strides, padding, dilation) -> dict[str, np.int64]:

@@ -127,3 +127,9 @@ def test_asking_for_onednn_without_the_library_says_how_to_build_it(monkeypatch)
                         lambda: "libjaxnets_onednn.so is not built (needs libdnnl-dev)")
     with pytest.raises(JaxnetsError, match=r"model\.conv 'onednn': .*libdnnl-dev"):
         conv_for("onednn")
+
+
+@needs_library
+def test_the_onednn_version_is_read_from_the_library():
+    """What ``bench`` reports beside the framework versions."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+", onednn.version() or ""), onednn.version()

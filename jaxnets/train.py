@@ -184,9 +184,17 @@ class Trainer:
         def eval_batches(params, other, x, y):
             """Every whole batch of ``eval_size`` in one call: per-batch loss sums and
             correct counts, (num_batches,) each (no host round trip between batches)."""
-            count = x.shape[0] // eval_size * eval_size
-            shaped = [a[:count].reshape(-1, eval_size, *a.shape[1:]) for a in (x, y)]
-            return jax.lax.map(lambda batch: eval_batch(params, other, *batch), tuple(shaped))
+            # batches sliced by index from x, not x reshaped into the map: the reshaped
+            # input went into XLA's while loop as a copy of the whole test set (31 MB for
+            # 10,000 MNIST images: 15.5 against 3.8 ms of a 784->10 pass over it, 2-core
+            # Xeon; stride2_same_mnist's evaluation spent 16 of its 103 ms in that copy)
+            def batch(i):
+                start = i * eval_size
+                return eval_batch(params, other,
+                                  jax.lax.dynamic_slice_in_dim(x, start, eval_size),
+                                  jax.lax.dynamic_slice_in_dim(y, start, eval_size))
+
+            return jax.lax.map(batch, jnp.arange(x.shape[0] // eval_size))
 
         def loss_and_gradients(params, other, x, y):
             """In train mode (batch statistics, the next dropout masks); state not kept."""

@@ -33,6 +33,11 @@ $(VENV)/.installed: pyproject.toml
 
 data: fashion-data mnist-data
 
+# Debian packages through apt, as root or through sudo
+can_apt = command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }
+apt_install = $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -q && \
+	$$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(1)
+
 # MNIST into ~/.cache/jaxnets/mnist (checksums checked; nothing to do when it is there already).
 # Failing to fetch it is only a warning: the MNIST experiments then run on Fashion-MNIST.
 mnist-data: $(VENV)/.installed
@@ -43,10 +48,7 @@ mnist-data: $(VENV)/.installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 fashion-data:
 	@if [ -d $(FASHION_DIR) ]; then :; \
-	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
-	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-		sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	elif $(call can_apt); then $(call apt_install,dataset-fashion-mnist); \
 	else \
 		echo "note: no apt-get here; jaxnets will load Fashion-MNIST through tensorflow-datasets"; \
 	fi
@@ -59,10 +61,7 @@ onednn: $(ONEDNN_LIB)
 
 $(ONEDNN_LIB): jaxnets/native/onednn_conv.cc $(VENV)/.installed
 	@if [ -f /usr/include/dnnl.hpp ]; then :; \
-	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libdnnl-dev; \
-	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-		sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q libdnnl-dev; \
+	elif $(call can_apt); then $(call apt_install,libdnnl-dev); \
 	fi
 	@if [ -f /usr/include/dnnl.hpp ]; then $(BIN)/python -m jaxnets.onednn build; \
 	else echo "note: no libdnnl-dev here; JAX convolutions stay on XLA's own path"; fi

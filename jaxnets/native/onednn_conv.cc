@@ -10,6 +10,7 @@
 // XLA's threads are safe.
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -113,7 +114,7 @@ Geometry geometry(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
           sh, sw, pt, pb, pl, pr, dh, dw};
 }
 
-std::string error_text(const dnnl::error& e) {
+std::string error_text(const std::exception& e) {
   return std::string("oneDNN convolution: ") + e.what();
 }
 
@@ -131,7 +132,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
     run(c, g, {{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
                {DNNL_ARG_DST, memory(g.y(), e, y->typed_data())}},
         k.typed_data(), false);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never past the C ABI
     return ffi::Error(ffi::ErrorCode::kInternal, error_text(e));
   }
   return ffi::Error::Success();
@@ -162,7 +163,7 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
     run(c, g, {{DNNL_ARG_DIFF_DST, memory(g.y(), e, dy.typed_data())},
                {DNNL_ARG_DIFF_SRC, memory(g.x(), e, dx->typed_data())}},
         k.typed_data(), false);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never past the C ABI
     return ffi::Error(ffi::ErrorCode::kInternal, error_text(e));
   }
   return ffi::Error::Success();
@@ -193,7 +194,7 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
     run(c, g, {{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
                {DNNL_ARG_DIFF_DST, memory(g.y(), e, dy.typed_data())}},
         dk->typed_data(), true);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never past the C ABI
     return ffi::Error(ffi::ErrorCode::kInternal, error_text(e));
   }
   return ffi::Error::Success();

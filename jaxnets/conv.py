@@ -252,14 +252,14 @@ def conv_general_dilated_onednn(lhs, rhs, window_strides, padding, **kwargs) -> 
     return onednn.conv_onednn(lhs, rhs, strides, pads, dilation)
 
 
-def _conv_auto(*args, **kwargs) -> jax.Array:
+def _conv_auto(*args, use_onednn: bool = True, **kwargs) -> jax.Array:
     """On the CPU: oneDNN where it is built and covers the convolution (float32, one
-    group), else the canonical path; ``lax`` on every other platform, picked when the
-    computation is lowered for the device it runs on."""
+    group) and ``use_onednn``, else the canonical path; ``lax`` on every other platform,
+    picked when the computation is lowered for the device it runs on."""
     from jaxnets import onednn
 
     def on_cpu(lhs, rhs):
-        if onednn.available() and _onednn_covers(lhs, rhs, **kwargs):
+        if use_onednn and onednn.available() and _onednn_covers(lhs, rhs, **kwargs):
             return conv_general_dilated_onednn(lhs, rhs, *args[2:], **kwargs)
         # one input channel: the kernel gradient as a matmul (_kernel_gradient_matmul)
         thin = rhs.shape[-2] == 1 and kwargs.get("feature_group_count", 1) == 1
@@ -278,7 +278,18 @@ _BY_NAME: dict[str, Callable[..., jax.Array]] = {
     "im2col": conv_general_dilated_im2col,
     "onednn": conv_general_dilated_onednn,
     "auto": _conv_auto,
+    # what "auto" becomes for a batch split over several devices (sharded_conv)
+    "auto_sharded": partial(_conv_auto, use_onednn=False),
 }
+
+
+def sharded_conv(impl: str, devices: int) -> str:
+    """``model.conv`` for a model whose batch is split over ``devices`` devices. XLA's SPMD
+    partitioner cannot split the oneDNN FFI calls: it all-gathers the batch and runs each
+    whole on every device (a 2-device mesh: one all-gather per call, against the canonical
+    path's one all-reduce of the kernel gradient; parity_tests/test_onednn.py), so "auto"
+    keeps the canonical path there. Any other setting is the user's choice and stays."""
+    return "auto_sharded" if impl == "auto" and devices > 1 else impl
 
 
 def conv_for(impl: str) -> Callable[..., jax.Array]:

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxnets.conv import sharded_conv
 from jaxnets.convert import flat_arrays, flax_state, load_flax_params, mismatches
 from jaxnets.data import Dataset, epoch_batches, input_layout, model_arrays, prefetch, preprocess
 from jaxnets.errors import CheckpointError
@@ -104,8 +105,10 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh
         self.dtype = check_dtype(dtype)
+        devices = 1 if mesh is None else mesh.size
         self.model = model if model is not None else build_model(
-            cfg["model"], cfg["seed"], data_input_shape(cfg))
+            {**cfg["model"], "conv": sharded_conv(cfg["model"]["conv"], devices)}, cfg["seed"],
+            data_input_shape(cfg))
         if dtype != "float32":  # floats only: dropout's draw counters stay integers
             nnx.update(self.model, jax.tree.map(
                 lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,

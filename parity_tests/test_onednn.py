@@ -133,3 +133,40 @@ def test_asking_for_onednn_without_the_library_says_how_to_build_it(monkeypatch)
 def test_the_onednn_version_is_read_from_the_library():
     """What ``bench`` reports beside the framework versions."""
     assert re.fullmatch(r"\d+\.\d+\.\d+", onednn.version() or ""), onednn.version()
+
+
+SHARDED_PROBE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxnets.conv import conv_for, sharded_conv
+mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+x = jax.device_put(jnp.ones((64, 28, 28, 3)), NamedSharding(mesh, P("data")))
+k = jax.device_put(jnp.ones((5, 5, 3, 10)), NamedSharding(mesh, P()))
+for impl in ("auto", sharded_conv("auto", 2)):
+    conv = conv_for(impl)
+    f = jax.jit(jax.grad(lambda k, x: jnp.sum(conv(x, k, (1, 1), "VALID",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))))
+    text = f.lower(k, x).compile().as_text()
+    print(impl, text.count("all-gather("), text.count("jaxnets_onednn"))
+"""
+
+
+@needs_library
+def test_a_batch_split_over_devices_keeps_convolutions_partitionable():
+    """Two CPU devices, the batch split over them: "auto"'s oneDNN calls make XLA all-gather
+    the batch (each call runs whole on both devices); ``sharded_conv`` (what the Trainer
+    uses on a mesh) takes the canonical path, which XLA partitions without a gather."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split("\n")
+    counts = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in out if line}
+    assert counts["auto"][0] >= 1 and counts["auto"][1] >= 1, counts  # the naive port
+    assert counts["auto_sharded"] == (0, 0), counts
+    from jaxnets.conv import sharded_conv
+
+    assert sharded_conv("auto", 1) == "auto" and sharded_conv("canonical", 4) == "canonical"

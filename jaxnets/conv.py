@@ -7,7 +7,11 @@ passed to ``nnx.Conv``):
 - ``"canonical"``: :func:`conv_canonical`, the same forward with a custom VJP whose two
   backward passes are themselves canonical convolutions (below).
 - ``"im2col"``: :func:`conv2d_im2col` (patches and one matmul; stride 1 only).
-- ``"auto"``: :func:`conv_canonical` on the CPU and ``lax`` elsewhere, decided by
+- ``"onednn"``: :func:`jaxnets.onednn.conv_onednn` (oneDNN through XLA FFI: float32, one
+  group), the canonical path for the rest.
+- ``"auto"``: on the CPU oneDNN where it is built and covers the convolution, else
+  :func:`conv_canonical` (and canonical throughout for a batch split over several devices:
+  :func:`sharded_conv`); ``lax`` elsewhere, decided by
   ``jax.lax.platform_dependent`` when the computation is lowered for its device, not when
   the model is built (a model built while the default backend was a GPU still runs the
   CPU path when its inputs live on the CPU).

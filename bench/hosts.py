@@ -108,6 +108,12 @@ class LocalHost:
         """Whether ``module`` is imported in this host's process."""
         return module in sys.modules
 
+    def cpu_dispatch(self) -> str:
+        """JAX's CPU dispatch in this host's process, as JAX reports it."""
+        from jaxnets.numerics import read_cpu_dispatch
+
+        return read_cpu_dispatch()
+
 
 class WorkerError(RuntimeError):
     """A call failed in the worker (its exception type and first line), or the worker died."""
@@ -116,10 +122,12 @@ class WorkerError(RuntimeError):
 class WorkerHost:
     """A ``LocalHost`` in a worker process of its own (see the module's docstring)."""
 
-    def __init__(self, framework: str, device: str = "cpu"):
+    def __init__(self, framework: str, device: str = "cpu", dispatch: str | None = None):
+        """``dispatch``: JAX's CPU dispatch in a JAX worker (jaxnets.numerics.set_cpu_dispatch;
+        None keeps JAX's default)."""
         self.framework = framework
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.hosts", framework, device],
+            [sys.executable, "-m", "bench.hosts", framework, device, dispatch or ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     @property
@@ -156,6 +164,9 @@ class WorkerHost:
     def loaded(self, module: str) -> bool:
         return self._call("loaded", module)
 
+    def cpu_dispatch(self) -> str:
+        return self._call("cpu_dispatch")
+
     def close(self) -> None:
         if self._proc.poll() is None:
             try:
@@ -172,8 +183,10 @@ class Hosts:
     """Context manager: one host per framework, ``isolated`` (a worker process each, what
     ``jaxnets bench`` uses) or both in this process."""
 
-    def __init__(self, device: str = "cpu", isolated: bool = True):
-        self.device, self.isolated, self._hosts = device, isolated, {}
+    def __init__(self, device: str = "cpu", isolated: bool = True, dispatch: str | None = None):
+        """``dispatch``: the JAX worker's CPU dispatch (None: JAX's default; an in-process
+        host keeps this process's)."""
+        self.device, self.isolated, self.dispatch, self._hosts = device, isolated, dispatch, {}
 
     def __enter__(self) -> Hosts:
         return self
@@ -186,8 +199,9 @@ class Hosts:
     def for_framework(self, framework: str) -> LocalHost | WorkerHost:
         key = framework if self.isolated else "local"
         if key not in self._hosts:
-            self._hosts[key] = (WorkerHost(framework, self.device) if self.isolated
-                                else LocalHost(self.device))
+            self._hosts[key] = (WorkerHost(framework, self.device,
+                                           self.dispatch if framework == "jax" else None)
+                                if self.isolated else LocalHost(self.device))
         return self._hosts[key]
 
     def active(self) -> list[LocalHost | WorkerHost]:
@@ -197,7 +211,7 @@ class Hosts:
         return tuple(h.pid for h in self._hosts.values() if isinstance(h, WorkerHost))
 
 
-def _serve(framework: str, device: str) -> None:
+def _serve(framework: str, device: str, dispatch: str = "") -> None:
     """The worker's loop: calls in on stdin, replies on the original stdout (anything the
     libraries print goes to stderr instead)."""
     replies = os.fdopen(os.dup(1), "wb")
@@ -210,8 +224,10 @@ def _serve(framework: str, device: str) -> None:
         set_threads()
         setup = numerics("float32", device)
     else:
-        from jaxnets.numerics import jax_numerics
+        from jaxnets.numerics import jax_numerics, set_cpu_dispatch
 
+        if dispatch:
+            set_cpu_dispatch(dispatch)
         setup = jax_numerics("float32", device)
     host = LocalHost(device)
     with setup:
@@ -232,4 +248,4 @@ def _serve(framework: str, device: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], sys.argv[2])
+    _serve(*sys.argv[1:4])

@@ -95,7 +95,9 @@ def markdown(machine: dict[str, Any], rows: list[dict], command: str) -> str:
     threads = (f"torch threads {machine['torch_threads']}"
                + (f" (inter-op {machine['torch_interop_threads']}), XLA:CPU threads "
                   f"{machine['jax_cpu_threads']}" if "jax_cpu_threads" in machine else "")
-               + (f", XLA_FLAGS `{machine['xla_flags']}`" if machine.get("xla_flags") else ""))
+               + (f", XLA_FLAGS `{machine['xla_flags']}`" if machine.get("xla_flags") else "")
+               + (f", JAX CPU dispatch {machine['jax_cpu_dispatch']}"
+                  if "jax_cpu_dispatch" in machine else ""))
     lines = [
         "# jaxnets bench", "",
         f"`{command}`", "",

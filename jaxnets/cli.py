@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxnets",
         description="The classic small networks in JAX/Flax and PyTorch, provably the same.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--cpu-dispatch", choices=("sync", "async"), default=None,
+                        help="how JAX runs a jitted call on the CPU: on the calling thread "
+                             "(sync, the default: no thread hand-off per call) or on a client "
+                             "thread (async, JAX's own default); see "
+                             "jaxnets.numerics.set_cpu_dispatch")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="the experiments, one line each")
     train = sub.add_parser("train", help="train one config in one framework")
@@ -410,15 +415,19 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
 
     if args.devices != 1:
         return _bench_devices(args)
-    threads = timing.set_threads()
-    print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}")
+    from jaxnets.numerics import read_cpu_dispatch
+
+    threads = {**timing.set_threads(), "jax_cpu_dispatch": read_cpu_dispatch()}
+    print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}; "
+          f"JAX CPU dispatch {threads['jax_cpu_dispatch']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
           f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})"
           + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
              if peak["matmul_peak_unstable"] else ""))
     rows = []
-    with Hosts(args.device) as hosts:  # a worker process per framework (bench.hosts)
+    # a worker process per framework (bench.hosts), JAX's with this process's CPU dispatch
+    with Hosts(args.device, dispatch=threads["jax_cpu_dispatch"]) as hosts:
         for cfg in _configs_on_images(args.configs, args.dataset):
             rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats,
                                          args.steps, args.device, modes, hosts=hosts)
@@ -533,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.device == "cpu":  # before JAX starts: N host devices for the mesh
                 request_host_devices(args.devices)
+        if args.command not in ("list", "download"):  # before JAX starts, like the above
+            from jaxnets.numerics import CPU_DISPATCH, set_cpu_dispatch
+
+            # an explicit --cpu-dispatch must take effect; the default is kept where a caller
+            # in this process started JAX already (the CLI run in-process)
+            set_cpu_dispatch(args.cpu_dispatch or CPU_DISPATCH,
+                             strict=args.cpu_dispatch is not None)
         return COMMANDS[args.command](args)
     except JaxnetsError as exc:
         if args.debug:

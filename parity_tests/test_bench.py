@@ -168,3 +168,25 @@ def test_each_framework_is_timed_in_a_process_of_its_own():
         with pytest.raises(WorkerError, match=r"^KeyError: 'nope'$"):
             jax_host.run("nope", "train", 1)
         assert jax_host.loaded("jaxnets.train")  # the worker is still serving
+
+
+def test_bench_runs_jax_with_the_cli_cpu_dispatch(tmp_path):
+    """The JAX worker makes its CPU client with the coordinator's dispatch (jaxnets'
+    "sync" unless --cpu-dispatch says otherwise), and the report records it."""
+    from bench.hosts import Hosts
+
+    with Hosts(dispatch="sync") as hosts:
+        assert hosts.for_framework("jax").cpu_dispatch() == "sync"
+    with Hosts(dispatch="async") as hosts:
+        assert hosts.for_framework("jax").cpu_dispatch() == "async"
+    for flag, expected in (([], "sync"), (["--cpu-dispatch", "async"], "async")):
+        out = tmp_path / expected
+        done = subprocess.run(
+            [sys.executable, "-m", "jaxnets", *flag, "bench", "spiral_relu", "--repeats", "1",
+             "--steps", "2", "--modes", "scan", "--out", str(out)],
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"JAX CPU dispatch {expected}" in done.stdout
+        machine = json.loads((out / "results.json").read_text())["machine"]
+        assert machine["jax_cpu_dispatch"] == expected
+        assert f"JAX CPU dispatch {expected}" in (out / "results.md").read_text()

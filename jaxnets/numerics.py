@@ -79,8 +79,8 @@ def set_cpu_dispatch(dispatch: str, strict: bool = True) -> str:
     process of its own (``bench/results/cpu-dispatch-epyc-2core``, sync / async samples/s):
     evaluation 1.57-2.55x for the full-batch toys (their pass is 25-60 us), 0.92-1.25x for
     the spirals, MLPs and the other CNNs (VGG 1.16-1.24x), 0.88-0.92x for the stride-2 CNN
-    (also in a second run); the scanned training epoch, one call, 0.83-1.22x (the stride-2 CNN 0.83x,
-    0.86x in a second run; ResNet 1.22x); a jitted call per step 0.70-1.24x (slower where
+    (also in a second run); the scanned training epoch, one call, 0.83-1.22x (the stride-2
+    CNN 0.83x, 0.86x in a second run; ResNet 1.22x); a jitted call per step 0.70-1.24x (slower where
     the step takes microseconds, e.g. spiral_linear's streamed steps 0.70x: "async" overlaps
     the next step's Python with the running step)."""
     if dispatch not in CPU_DISPATCHES:

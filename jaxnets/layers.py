@@ -42,6 +42,45 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
     return jax.nn.gelu(x, approximate=approximate)
 
 
+def ones_like_exactly(x: jax.Array) -> jax.Array:
+    # XLA:CPU: a fusion of exp/erf/division with a broadcast constant runs 3-7x slower; x == x
+    # gives 1 (0 where x is NaN) with no broadcast (docs/xla-broadcast-exp.md).
+    # Measured on a (1000, 14, 14, 8) float32 array, 2-core EPYC: silu 0.67 against
+    # jax.nn.silu's 4.22 ms, its gradient 0.79 against 4.46, sigmoid 0.72 against 3.71. Where
+    # a layer's bias add fuses in (conv or linear, then the activation) its broadcast slows the
+    # fusion again (silu(x + b) 2.71 ms): the zoo's evaluation and training times are unchanged.
+    return (x == x).astype(x.dtype)
+
+
+@jax.custom_jvp
+def sigmoid(x: jax.Array) -> jax.Array:
+    # Framework difference: torch's sigmoid is 1 / (1 + exp(-x)), jax.nn.sigmoid XLA's logistic.
+    one = ones_like_exactly(x)
+    return one / (one + jnp.exp(-x))
+
+
+@sigmoid.defjvp
+def _sigmoid_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = sigmoid(x)
+    return y, dx * (ones_like_exactly(x) - y) * y  # torch's sigmoid_backward: dy (1 - y) y
+
+
+@jax.custom_jvp
+def silu(x: jax.Array) -> jax.Array:
+    # Framework difference: torch's SiLU is x / (1 + exp(-x)), jax.nn.silu x * logistic(x).
+    return x / (ones_like_exactly(x) + jnp.exp(-x))
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+    # torch's silu_backward, dy s (1 + x (1 - s)): finite where exp(-x) overflows (x < -88 in
+    # float32), whose autodiff through the division is inf / inf
+    (x,), (dx,) = primals, tangents
+    one, s = ones_like_exactly(x), sigmoid(x)
+    return silu(x), dx * (s * (one + x * (one - s)))
+
+
 def layernorm_epsilon(torch_eps: float = 1e-5) -> float:
     # Framework difference: nnx.LayerNorm defaults to eps 1e-6, torch.nn.LayerNorm to 1e-5.
     return torch_eps
@@ -194,8 +233,8 @@ BUILDERS: dict[str, Callable[[Layer, dict, nnx.Rngs], Any]] = {
     "flatten": lambda layer, s, rngs: flatten,
     "relu": lambda layer, s, rngs: jax.nn.relu,
     "tanh": lambda layer, s, rngs: jnp.tanh,
-    "sigmoid": lambda layer, s, rngs: jax.nn.sigmoid,
-    "silu": lambda layer, s, rngs: jax.nn.silu,
+    "sigmoid": lambda layer, s, rngs: sigmoid,
+    "silu": lambda layer, s, rngs: silu,
     "gelu": lambda layer, s, rngs: partial(gelu, approximate=layer.options["approximate"]),
     "leaky_relu": lambda layer, s, rngs: partial(jax.nn.leaky_relu,
                                                  negative_slope=layer.options["slope"]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from bench.hosts import JAX_MODES, WorkerHost
-from bench.measure import bench_unit
+from bench.measure import bench_unit, unit_examples
 from bench.timing import timed_interleaved
 from jaxnets.config import load_config
 from jaxnets.data import load_dataset
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                 host.reset()
             built = {(d, m): host.build(m, unit_cfg, unit_data, epochs)
                      for d, host in hosts.items() for m in modes}
-            train_examples = len(epochs) * min(len(unit_data.train_x),
-                                               args.steps * unit_cfg["train"]["batch_size"])
+            train_examples = unit_examples(unit_cfg, unit_data, epochs, args.steps)
             for phase in ("train", "infer"):
                 runners = {key: (lambda count, k=key, p=phase: hosts[k[0]].run(k[1], p, count))
                            for key in built}

@@ -170,6 +170,12 @@ def bench_unit(cfg: dict[str, Any], dataset: Dataset, steps: int) -> tuple[dict,
     return cfg, dataset.head(limit), range(1)
 
 
+def unit_examples(unit_cfg: dict[str, Any], unit_data: Dataset, epochs: range,
+                  steps: int) -> int:
+    """Training examples in one unit of :func:`bench_unit`'s (``steps`` steps)."""
+    return len(epochs) * min(len(unit_data.train_x), steps * unit_cfg["train"]["batch_size"])
+
+
 def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int,
                  device: str = "cpu", modes: tuple[str, ...] = ("jit_step", "scan", "stream",
                                                                  "eager", "compile"),
@@ -200,8 +206,7 @@ def bench_config(cfg: dict[str, Any], dataset: Dataset, repeats: int, steps: int
             rows.append({"config": cfg["name"], "framework": framework_of(mode), "mode": mode,
                          "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-    train_examples = len(epochs) * min(len(unit_data.train_x),
-                                       steps * unit_cfg["train"]["batch_size"])
+    train_examples = unit_examples(unit_cfg, unit_data, epochs, steps)
     for phase in ("train", "infer"):
         runners = {mode: functools.partial(hosts.for_framework(framework_of(mode)).run, mode,
                                            phase) for mode in built}

@@ -77,8 +77,10 @@ def _silu_jvp(primals, tangents):
     # torch's silu_backward, dy s (1 + x (1 - s)): finite where exp(-x) overflows (x < -88 in
     # float32), whose autodiff through the division is inf / inf
     (x,), (dx,) = primals, tangents
-    one, s = ones_like_exactly(x), sigmoid(x)
-    return silu(x), dx * (s * (one + x * (one - s)))
+    one = ones_like_exactly(x)
+    denominator = one + jnp.exp(-x)  # exp(-x) once for silu(x) and sigmoid(x) alike
+    s = one / denominator
+    return x / denominator, dx * (s * (one + x * (one - s)))
 
 
 def layernorm_epsilon(torch_eps: float = 1e-5) -> float:

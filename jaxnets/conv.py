@@ -51,7 +51,8 @@ import jax.numpy as jnp
 from jaxnets.conv_im2col import conv2d_im2col, conv_general_dilated_im2col
 from jaxnets.errors import JaxnetsError
 
-__all__ = ["IMPLEMENTATIONS", "conv2d_im2col", "conv_canonical", "conv_for", "max_pool_2x2"]
+__all__ = ["IMPLEMENTATIONS", "add_bias", "conv2d_im2col", "conv_canonical", "conv_for",
+           "max_pool_2x2", "takes_bias"]
 
 IMPLEMENTATIONS = ("auto", "lax", "canonical", "im2col", "onednn")
 NHWC = ("NHWC", "HWIO", "NHWC")  # the canonical dimension numbers, the only Eigen takes
@@ -243,37 +244,56 @@ def _onednn_covers(lhs, rhs, dimension_numbers=None, lhs_dilation=None,
                           preferred_element_type, out_sharding))
 
 
-def conv_general_dilated_onednn(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``y + bias`` along the last (channel) axis, as ``nnx.Conv`` adds it; y when None."""
+    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+
+
+def conv_general_dilated_onednn(lhs, rhs, window_strides, padding, bias=None,
+                                **kwargs) -> jax.Array:
     """``lax.conv_general_dilated``'s signature through :func:`jaxnets.onednn.conv_onednn`
-    where oneDNN covers the convolution; the canonical path elsewhere."""
+    where oneDNN covers the convolution; the canonical path elsewhere. ``bias``: added inside
+    oneDNN's primitive (jaxnets.onednn.conv_onednn says why), by :func:`add_bias` elsewhere."""
     from jaxnets import onednn
 
     if not _onednn_covers(lhs, rhs, **kwargs):
-        return conv_general_dilated_canonical(lhs, rhs, window_strides, padding, **kwargs)
+        return add_bias(conv_general_dilated_canonical(lhs, rhs, window_strides, padding,
+                                                       **kwargs), bias)
     dilation = tuple(int(d) for d in (kwargs.get("rhs_dilation") or (1, 1)))
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, strides, dilation)
-    return onednn.conv_onednn(lhs, rhs, strides, pads, dilation)
+    return onednn.conv_onednn(lhs, rhs, bias, strides, pads, dilation)
 
 
-def _conv_auto(*args, use_onednn: bool = True, **kwargs) -> jax.Array:
+def _conv_auto(*args, bias=None, use_onednn: bool = True, **kwargs) -> jax.Array:
     """On the CPU: oneDNN where it is built and covers the convolution (float32, one
     group) and ``use_onednn``, else the canonical path; ``lax`` on every other platform,
-    picked when the computation is lowered for the device it runs on."""
+    picked when the computation is lowered for the device it runs on. ``bias`` as in
+    :func:`conv_general_dilated_onednn`."""
     from jaxnets import onednn
 
-    def on_cpu(lhs, rhs):
+    def on_cpu(lhs, rhs, bias):
         if use_onednn and onednn.available() and _onednn_covers(lhs, rhs, **kwargs):
-            return conv_general_dilated_onednn(lhs, rhs, *args[2:], **kwargs)
+            return conv_general_dilated_onednn(lhs, rhs, *args[2:], bias=bias, **kwargs)
         # one input channel: the kernel gradient as a matmul (_kernel_gradient_matmul)
         thin = rhs.shape[-2] == 1 and kwargs.get("feature_group_count", 1) == 1
-        return conv_general_dilated_canonical(lhs, rhs, *args[2:], **kwargs,
-                                              kernel_gradient="matmul" if thin else "conv")
+        return add_bias(conv_general_dilated_canonical(
+            lhs, rhs, *args[2:], **kwargs, kernel_gradient="matmul" if thin else "conv"), bias)
 
-    def elsewhere(lhs, rhs):
-        return jax.lax.conv_general_dilated(lhs, rhs, *args[2:], **kwargs)
+    def elsewhere(lhs, rhs, bias):
+        return add_bias(jax.lax.conv_general_dilated(lhs, rhs, *args[2:], **kwargs), bias)
 
-    return jax.lax.platform_dependent(args[0], args[1], cpu=on_cpu, default=elsewhere)
+    return jax.lax.platform_dependent(args[0], args[1], bias, cpu=on_cpu, default=elsewhere)
+
+
+def takes_bias(conv: Callable[..., jax.Array]) -> bool:
+    """Whether a ``conv_for`` function adds a ``bias=`` itself (:class:`jaxnets.layers.Conv`
+    hands it over; the others leave it to ``nnx.Conv``'s own add)."""
+    return getattr(conv, "takes_bias", False)
+
+
+conv_general_dilated_onednn.takes_bias = True
+_conv_auto.takes_bias = True
 
 
 _BY_NAME: dict[str, Callable[..., jax.Array]] = {
@@ -285,6 +305,7 @@ _BY_NAME: dict[str, Callable[..., jax.Array]] = {
     # what "auto" becomes for a batch split over several devices (sharded_conv)
     "auto_sharded": partial(_conv_auto, use_onednn=False),
 }
+_BY_NAME["auto_sharded"].takes_bias = True
 
 
 def sharded_conv(impl: str, devices: int) -> str:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.conv import conv_for
+from jaxnets.conv import NHWC, conv_for, takes_bias
 from jaxnets.init import linear_inits
 from jaxnets.pooling import avg_pool, max_pool
 from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pool_options
@@ -186,13 +186,41 @@ class Residual(nnx.Module):
         return self.branch(x, train) + shortcut
 
 
+def _pair(value: int | tuple[int, ...] | None) -> tuple[int, int]:
+    return (1, 1) if value is None else (value, value) if isinstance(value, int) else tuple(value)
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (its parameters, names and defaults) that hands its bias to the
+    convolution function where that function adds it itself (``jaxnets.conv.takes_bias``:
+    "auto" and "onednn" add it inside oneDNN's primitive, which keeps the channel broadcast
+    out of the next activation's XLA fusion; jaxnets.onednn.conv_onednn says why). Any other
+    function, any padding given as a string, a mask, input dilation or an output sharding
+    runs ``nnx.Conv`` unchanged."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        conv = self.conv_general_dilated
+        explicit = isinstance(self.padding, tuple | list) and all(
+            isinstance(p, tuple | list) for p in self.padding)
+        plain = (self.mask is None and _pair(self.input_dilation) == (1, 1)
+                 and self.preferred_element_type is None and out_sharding is None)
+        if self.bias is None or inputs.ndim != 4 or not (explicit and plain and takes_bias(conv)):
+            return super().__call__(inputs, out_sharding=out_sharding)
+        inputs, kernel, bias = self.promote_dtype(
+            (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return conv(inputs, kernel, _pair(self.strides), tuple(map(tuple, self.padding)),
+                    rhs_dilation=_pair(self.kernel_dilation), dimension_numbers=NHWC,
+                    feature_group_count=self.feature_group_count, precision=self.precision,
+                    bias=bias)
+
+
 def _projection(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
     c_in, c_out = layer.in_shape[0], layer.out_shape[0]
     inits = linear_inits(settings["init"], c_in, settings["init_std"])
     if layer.projection["kind"] == "linear":
         return nnx.Linear(c_in, c_out, rngs=rngs, **inits)
     stride = layer.projection["stride"]
-    return nnx.Conv(c_in, c_out, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
+    return Conv(c_in, c_out, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
                     conv_general_dilated=conv_for(settings["conv"]), rngs=rngs, **inits)
 
 
@@ -202,10 +230,10 @@ def _linear(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Linea
                       **linear_inits(settings["init"], fan_in, settings["init_std"]))
 
 
-def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> Conv:
     o, c_in = layer.options, layer.in_shape[0]
     fan_in = c_in // o["groups"] * o["kernel"][0] * o["kernel"][1]
-    return nnx.Conv(c_in, o["out"], o["kernel"], strides=o["stride"],
+    return Conv(c_in, o["out"], o["kernel"], strides=o["stride"],
                     padding=conv_pads(layer, layer.in_shape), kernel_dilation=o["dilation"],
                     feature_group_count=o["groups"], use_bias=o["bias"],
                     conv_general_dilated=conv_for(settings["conv"]), rngs=rngs,

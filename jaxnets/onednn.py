@@ -49,7 +49,7 @@ NATIVE = Path(__file__).with_name("native")
 SOURCE = NATIVE / "onednn_conv.cc"
 LIBRARY = NATIVE / "libjaxnets_onednn.so"
 HEADER = Path("/usr/include/dnnl.hpp")
-TARGETS = ("Forward", "BackwardData", "BackwardWeights")
+TARGETS = ("Forward", "ForwardBias", "BackwardData", "BackwardWeights", "BackwardWeightsBias")
 
 
 def compile_command() -> list[str]:
@@ -109,9 +109,11 @@ def _attrs(strides, padding, dilation) -> dict[str, np.int64]:
                                               dh=dh, dw=dw).items()}
 
 
-def _call(target: str, shape, *operands, strides, padding, dilation) -> jax.Array:
-    return jax.ffi.ffi_call(f"jaxnets_onednn_conv_{target}",
-                            jax.ShapeDtypeStruct(shape, jnp.float32),
+def _call(target: str, shapes, *operands, strides, padding, dilation):
+    """One FFI call; ``shapes`` one result shape, or a list of them (a list of results)."""
+    results = ([jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+               if isinstance(shapes, list) else jax.ShapeDtypeStruct(shapes, jnp.float32))
+    return jax.ffi.ffi_call(f"jaxnets_onednn_conv_{target}", results,
                             vmap_method="sequential")(
         *operands, **_attrs(strides, padding, dilation))
 
@@ -122,30 +124,42 @@ def _out_shape(x_shape, kernel_shape, strides, padding, dilation) -> tuple[int, 
     return (x_shape[0], *spatial, kernel_shape[-1])
 
 
-def _onednn_forward(x, kernel, strides, padding, dilation):
-    return _call("Forward", _out_shape(x.shape, kernel.shape, strides, padding, dilation),
-                 x, kernel, strides=strides, padding=padding, dilation=dilation)
+def _onednn_forward(x, kernel, bias, strides, padding, dilation):
+    shape = _out_shape(x.shape, kernel.shape, strides, padding, dilation)
+    geometry = dict(strides=strides, padding=padding, dilation=dilation)
+    if bias is None:
+        return _call("Forward", shape, x, kernel, **geometry)
+    return _call("ForwardBias", shape, x, kernel, bias, **geometry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_onednn(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                padding: tuple[tuple[int, int], tuple[int, int]],
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def conv_onednn(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]],
                 dilation: tuple[int, int]) -> jax.Array:
-    """x (N, H, W, C) float32, kernel (kh, kw, C, O) -> (N, H', W', O), one group, explicit
-    padding pairs; the forward and both gradients are oneDNN's."""
-    return _onednn_forward(x, kernel, strides, padding, dilation)
+    """x (N, H, W, C) float32, kernel (kh, kw, C, O), bias (O,) or None -> (N, H', W', O), one
+    group, explicit padding pairs; the forward and the gradients are oneDNN's.
+
+    The bias is added inside oneDNN's primitive, not by an XLA add after it: an XLA add is a
+    broadcast along the channels, which XLA fuses into the next activation's loop, and such a
+    loop with exp/erf/a division runs several times slower on XLA:CPU
+    (docs/xla-broadcast-exp.md). Measured on a 2-core EPYC, ``stride2_same_mnist``'s
+    evaluation (conv, SiLU, ...): 63.8 ms with the bias added by XLA against 34.8 ms with
+    none; ``bench/xla_broadcast_exp.py`` times the fusion alone."""
+    return _onednn_forward(x, kernel, bias, strides, padding, dilation)
 
 
-def _forward(x, kernel, strides, padding, dilation):
-    return _onednn_forward(x, kernel, strides, padding, dilation), (x, kernel)
+def _forward(x, kernel, bias, strides, padding, dilation):
+    return _onednn_forward(x, kernel, bias, strides, padding, dilation), (x, kernel, bias)
 
 
 def _backward(strides, padding, dilation, residuals, dy):
-    x, kernel = residuals
+    x, kernel, bias = residuals
     geometry = dict(strides=strides, padding=padding, dilation=dilation)
     dx = _call("BackwardData", x.shape, dy, kernel, **geometry)
-    dk = _call("BackwardWeights", kernel.shape, x, dy, **geometry)
-    return dx, dk
+    if bias is None:
+        return dx, _call("BackwardWeights", kernel.shape, x, dy, **geometry), None
+    dk, db = _call("BackwardWeightsBias", [kernel.shape, bias.shape], x, dy, **geometry)
+    return dx, dk, db
 
 
 conv_onednn.defvjp(_forward, _backward)

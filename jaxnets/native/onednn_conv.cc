@@ -4,6 +4,8 @@
 // needed on the JAX side; the kernel is reordered into the blocked layout oneDNN's
 // implementation asks for on every call (it is small next to the activations). Padding is
 // explicit (low, high) per spatial dimension; dilation is JAX's (1 = none). One group only.
+// The *Bias targets add a bias (O,) inside the forward primitive and return its gradient
+// from the kernel-gradient one (jaxnets.onednn says why).
 //
 // Primitives are cached by shape and settings (creating one costs tens of microseconds,
 // comparable to a small convolution); scratchpads are per call, so concurrent calls from
@@ -37,12 +39,14 @@ dnnl::engine& cpu_engine() {
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow;
   int64_t sh, sw, pt, pb, pl, pr, dh, dw;
+  bool bias = false;
   auto key() const {
-    return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, dh, dw);
+    return std::make_tuple(n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, dh, dw, bias);
   }
   memory::desc x(tag t = tag::nhwc) const { return {{n, c, h, w}, dt::f32, t}; }
   memory::desc y(tag t = tag::nhwc) const { return {{n, o, oh, ow}, dt::f32, t}; }
   memory::desc k(tag t = tag::hwio) const { return {{o, c, kh, kw}, dt::f32, t}; }
+  memory::desc b() const { return bias ? memory::desc({o}, dt::f32, tag::a) : memory::desc(); }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims dilates() const { return {dh - 1, dw - 1}; }  // oneDNN counts the gaps
   memory::dims pad_l() const { return {pt, pl}; }
@@ -58,12 +62,13 @@ dnnl::primitive_attr user_scratchpad() {
 dnnl::convolution_forward::primitive_desc forward_pd(const Geometry& g) {
 #if DNNL_VERSION_MAJOR >= 3
   return {cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-          g.x(), g.k(tag::any), g.y(), g.strides(), g.dilates(), g.pad_l(), g.pad_r(),
+          g.x(), g.k(tag::any), g.b(), g.y(), g.strides(), g.dilates(), g.pad_l(), g.pad_r(),
           user_scratchpad()};
 #else
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
                                     dnnl::algorithm::convolution_direct, g.x(), g.k(tag::any),
-                                    g.y(), g.strides(), g.dilates(), g.pad_l(), g.pad_r());
+                                    g.b(), g.y(), g.strides(), g.dilates(), g.pad_l(),
+                                    g.pad_r());
   return {d, user_scratchpad(), cpu_engine()};
 #endif
 }
@@ -118,24 +123,40 @@ std::string error_text(const std::exception& e) {
   return std::string("oneDNN convolution: ") + e.what();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+// y = x * k (+ b): `b` null for the targets without a bias.
+ffi::Error RunForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, const float* b,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
   try {
     Geometry g = geometry(x.dimensions(), k.dimensions(), y->dimensions(), sh, sw, pt, pb,
                           pl, pr, dh, dw);
+    g.bias = b != nullptr;
     const Cached& c = cached(0, g, [&] {
       auto pd = forward_pd(g);
       return Cached{dnnl::convolution_forward(pd), pd.weights_desc(), pd.scratchpad_desc()};
     });
     auto& e = cpu_engine();
-    run(c, g, {{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
-               {DNNL_ARG_DST, memory(g.y(), e, y->typed_data())}},
-        k.typed_data(), false);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
+                                         {DNNL_ARG_DST, memory(g.y(), e, y->typed_data())}};
+    if (b) args[DNNL_ARG_BIAS] = memory(g.b(), e, const_cast<float*>(b));
+    run(c, g, std::move(args), k.typed_data(), false);
   } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never past the C ABI
     return ffi::Error(ffi::ErrorCode::kInternal, error_text(e));
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+  return RunForward(x, k, nullptr, y, sh, sw, pt, pb, pl, pr, dh, dw);
+}
+
+ffi::Error ForwardBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh,
+                       int64_t dw) {
+  return RunForward(x, k, b.typed_data(), y, sh, sw, pt, pb, pl, pr, dh, dw);
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
@@ -169,20 +190,24 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
-                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+// dk (and db, when `db` is not null) from x and dy.
+ffi::Error RunBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                              ffi::ResultBuffer<ffi::F32> dk, float* db, int64_t sh,
+                              int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                              int64_t dh, int64_t dw) {
   try {
     Geometry g = geometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pb,
                           pl, pr, dh, dw);
+    g.bias = db != nullptr;
     const Cached& c = cached(2, g, [&] {
 #if DNNL_VERSION_MAJOR >= 3
       dnnl::convolution_backward_weights::primitive_desc pd(
-          cpu_engine(), dnnl::algorithm::convolution_direct, g.x(), g.k(tag::any), g.y(),
-          g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_pd(g), user_scratchpad());
+          cpu_engine(), dnnl::algorithm::convolution_direct, g.x(), g.k(tag::any), g.b(),
+          g.y(), g.strides(), g.dilates(), g.pad_l(), g.pad_r(), forward_pd(g),
+          user_scratchpad());
 #else
       dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.x(),
-                                                 g.k(tag::any), g.y(), g.strides(),
+                                                 g.k(tag::any), g.b(), g.y(), g.strides(),
                                                  g.dilates(), g.pad_l(), g.pad_r());
       dnnl::convolution_backward_weights::primitive_desc pd(d, user_scratchpad(),
                                                             cpu_engine(), forward_pd(g));
@@ -191,13 +216,27 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                     pd.scratchpad_desc()};
     });
     auto& e = cpu_engine();
-    run(c, g, {{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
-               {DNNL_ARG_DIFF_DST, memory(g.y(), e, dy.typed_data())}},
-        dk->typed_data(), true);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(g.x(), e, x.typed_data())},
+                                         {DNNL_ARG_DIFF_DST, memory(g.y(), e, dy.typed_data())}};
+    if (db) args[DNNL_ARG_DIFF_BIAS] = memory(g.b(), e, db);
+    run(c, g, std::move(args), dk->typed_data(), true);
   } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc: never past the C ABI
     return ffi::Error(ffi::ErrorCode::kInternal, error_text(e));
   }
   return ffi::Error::Success();
+}
+
+ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+  return RunBackwardWeights(x, dy, dk, nullptr, sh, sw, pt, pb, pl, pr, dh, dw);
+}
+
+ffi::Error BackwardWeightsBias(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db,
+                               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                               int64_t pr, int64_t dh, int64_t dw) {
+  return RunBackwardWeights(x, dy, dk, db->typed_data(), sh, sw, pt, pb, pl, pr, dh, dw);
 }
 
 #define CONV_ATTRS                                                               \
@@ -220,4 +259,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvForwardBias, ForwardBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsOnednnConvBackwardWeightsBias, BackwardWeightsBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);

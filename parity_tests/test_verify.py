@@ -260,7 +260,7 @@ def test_running_variance_difference_is_named():
     flax_bn.train()
     flax_bn(jnp.asarray(x.transpose(0, 2, 3, 1)))
     torch_var = torch_bn.running_var.detach().numpy()
-    flax_var = np.asarray(flax_bn.var.value)
+    flax_var = np.asarray(flax_bn.var[...])
     assert np.abs(torch_var - flax_var).max() > 1e-3  # 0.1 * ~1 / 99
     named = torch_running_var_as_flax(torch_var, before, 0.1, 4 * 5 * 5)
     assert np.abs(named - flax_var).max() < 1e-6  # float32 rounding of values ~1

@@ -34,14 +34,14 @@ class UnbiasedBatchNorm(nnx.BatchNorm):
     convention) where nnx.BatchNorm keeps the biased one. x: (batch, H, W, C)."""
 
     def __call__(self, x, use_running_average=None, *, mask=None):
-        old = self.var.value
+        old = self.var.get_value()
         out = super().__call__(x, use_running_average, mask=mask)
         if not (self.use_running_average if use_running_average is None
                 else use_running_average):
             count = int(np.prod(x.shape[:-1]))
             batch_var = jnp.var(x, axis=tuple(range(x.ndim - 1)))
             decay = self.momentum
-            self.var.value = decay * old + (1 - decay) * batch_var * count / (count - 1)
+            self.var.set_value(decay * old + (1 - decay) * batch_var * count / (count - 1))
         return out
 
 

@@ -224,5 +224,6 @@ def flax_layer_vjp(module: nnx.Module, x: np.ndarray, cotangent: np.ndarray | No
 
 def flat(state: nnx.State) -> dict[str, np.ndarray]:
     """An NNX state as ``{"blocks.0.norm.scale": array}``."""
-    return {".".join(map(str, path)): np.asarray(getattr(var, "value", var))
+    return {".".join(map(str, path)): np.asarray(
+                var.get_value() if isinstance(var, nnx.Variable) else var)
             for path, var in nnx.to_flat_state(state)}

@@ -176,7 +176,7 @@ def state_rows(pair: Pair, mapping: Mapping, flax_rest, mode: str, before: dict,
     noted on the row."""
     from torch import nn
 
-    flax_stats = {".".join(map(str, path)): np.asarray(var.value)
+    flax_stats = {".".join(map(str, path)): np.asarray(var.get_value())
                   for path, var in nnx.to_flat_state(flax_rest) if isinstance(var, nnx.BatchStat)}
     ref = {n: _np(b) for n, b in pair.reference.named_buffers()}
     own = {n: _np(b) for n, b in pair.torch.named_buffers()}

@@ -38,7 +38,7 @@ from torchref.verify.state import replace_slots, running_stat_rows, slot_rows, t
 def _like(params: nnx.State, values: dict[str, np.ndarray]) -> nnx.State:
     """A parameter-shaped state holding ``values`` (flax path -> array)."""
     return nnx.from_flat_state([(path, var.replace(jnp.asarray(values[".".join(map(str, path))],
-                                                                var.value.dtype)))
+                                                                var.get_value().dtype)))
                                 for path, var in nnx.to_flat_state(params)])
 
 

@@ -239,7 +239,8 @@ def set_flax_variables(flax_model: nnx.Module, values: dict[str, Any]) -> None:
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
         if name in values:
-            updated.append((path, var.replace(np.asarray(values[name]).astype(var.get_value().dtype))))
+            dtype = var.get_value().dtype
+            updated.append((path, var.replace(np.asarray(values[name]).astype(dtype))))
     nnx.update(flax_model, nnx.from_flat_state(updated))
 
 

@@ -25,6 +25,8 @@ from jaxnets.init import linear_inits
 from jaxnets.pooling import avg_pool, max_pool
 from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pool_options
 
+M_SQRT1_2 = 0.7071067811865476  # <cmath>'s M_SQRT1_2, 1 / sqrt(2), as torch's GELU uses it
+
 
 def flax_momentum(torch_momentum: float) -> float:
     # Framework difference: PyTorch's momentum weighs the NEW batch (0.1), Flax's the old (0.9).
@@ -39,7 +41,19 @@ def unbiased_variance(biased: jax.Array, count: int) -> jax.Array:
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
     # Framework difference: jax.nn.gelu defaults to the tanh approximation, torch to exact erf.
-    return jax.nn.gelu(x, approximate=approximate)
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return gelu_erf(x)
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    # Framework difference: torch's exact GELU is x * 0.5 * (1 + erf(x * M_SQRT1_2)),
+    # jax.nn.gelu's 0.5 x erfc(-x / sqrt 2), which XLA:CPU runs 2.5-3x slower.
+    # Measured on a 2-core EPYC, gelu(x + r) on (1000, 28, 28, 8) float32: 1.97 against 3.55 ms
+    # (PyTorch eager's add and GELU 4.05); its gradient (64, 28, 28, 8): 0.24-0.29 against
+    # 0.26-0.36 ms. Against torch's CPU GELU on 10^6 values of 3 N(0, 1): 54.5 % of outputs
+    # bit-equal (jax.nn.gelu 41.4 %), max |diff| 1.4e-6 (1.2e-6), about 1 ulp at |x| = 12.
+    return x * 0.5 * (1 + jax.lax.erf(x * M_SQRT1_2))
 
 
 def ones_like_exactly(x: jax.Array) -> jax.Array:

@@ -48,11 +48,13 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
 def gelu_erf(x: jax.Array) -> jax.Array:
     # Framework difference: torch's exact GELU is x * 0.5 * (1 + erf(x * M_SQRT1_2)),
-    # jax.nn.gelu's 0.5 x erfc(-x / sqrt 2), which XLA:CPU runs 2.5-3x slower.
-    # Measured on a 2-core EPYC, gelu(x + r) on (1000, 28, 28, 8) float32: 1.97 against 3.55 ms
-    # (PyTorch eager's add and GELU 4.05); its gradient (64, 28, 28, 8): 0.24-0.29 against
-    # 0.26-0.36 ms. Against torch's CPU GELU on 10^6 values of 3 N(0, 1): 54.5 % of outputs
-    # bit-equal (jax.nn.gelu 41.4 %), max |diff| 1.4e-6 (1.2e-6), about 1 ulp at |x| = 12.
+    # jax.nn.gelu's 0.5 x erfc(-x / sqrt 2), which XLA:CPU runs 1.8-2.9x slower (its erfc is
+    # expanded into polynomials: docs/xla-broadcast-exp.md). Measured on a 2-core EPYC,
+    # gelu(x + r) on (1000, 28, 28, 8) float32: 1.97 against 3.55 ms (PyTorch eager's add and
+    # GELU 4.05); its gradient (64, 28, 28, 8): 0.24-0.29 against 0.26-0.36 ms. Against torch's
+    # CPU GELU on 10^6 values of 3 N(0, 1): 54.5 % of outputs bit-equal (jax.nn.gelu 41.4 %),
+    # max |diff| 1.4e-6 at x = 3.4, 6 spacings of x (jax.nn.gelu 1.2e-6, 5): there XLA's erf
+    # and SLEEF's, torch's, differ near 1.
     return x * 0.5 * (1 + jax.lax.erf(x * M_SQRT1_2))
 
 
@@ -235,7 +237,7 @@ def _projection(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.M
         return nnx.Linear(c_in, c_out, rngs=rngs, **inits)
     stride = layer.projection["stride"]
     return Conv(c_in, c_out, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
-                    conv_general_dilated=conv_for(settings["conv"]), rngs=rngs, **inits)
+                conv_general_dilated=conv_for(settings["conv"]), rngs=rngs, **inits)
 
 
 def _linear(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Linear:
@@ -248,10 +250,10 @@ def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> Conv:
     o, c_in = layer.options, layer.in_shape[0]
     fan_in = c_in // o["groups"] * o["kernel"][0] * o["kernel"][1]
     return Conv(c_in, o["out"], o["kernel"], strides=o["stride"],
-                    padding=conv_pads(layer, layer.in_shape), kernel_dilation=o["dilation"],
-                    feature_group_count=o["groups"], use_bias=o["bias"],
-                    conv_general_dilated=conv_for(settings["conv"]), rngs=rngs,
-                    **linear_inits(settings["init"], fan_in, settings["init_std"]))
+                padding=conv_pads(layer, layer.in_shape), kernel_dilation=o["dilation"],
+                feature_group_count=o["groups"], use_bias=o["bias"],
+                conv_general_dilated=conv_for(settings["conv"]), rngs=rngs,
+                **linear_inits(settings["init"], fan_in, settings["init_std"]))
 
 
 def _pool(pool: Callable, layer: Layer) -> Callable:

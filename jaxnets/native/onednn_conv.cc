@@ -8,8 +8,8 @@
 // from the kernel-gradient one (jaxnets.onednn says why).
 //
 // Primitives are cached by shape and settings (creating one costs tens of microseconds,
-// comparable to a small convolution); scratchpads are per call, so concurrent calls from
-// XLA's threads are safe.
+// comparable to a small convolution); calls run one at a time (run() says why), each with
+// its own scratchpad.
 #include <cstdint>
 #include <cstring>
 #include <exception>

@@ -288,8 +288,9 @@ def _conv_auto(*args, bias=None, use_onednn: bool = True, **kwargs) -> jax.Array
 
 def takes_bias(conv: Callable[..., jax.Array]) -> bool:
     """Whether a ``conv_for`` function adds a ``bias=`` itself (:class:`jaxnets.layers.Conv`
-    hands it over; the others leave it to ``nnx.Conv``'s own add)."""
-    return getattr(conv, "takes_bias", False)
+    hands it over; the others leave it to ``nnx.Conv``'s own add). A ``functools.partial``
+    takes it as the function it wraps does."""
+    return getattr(getattr(conv, "func", conv), "takes_bias", False)
 
 
 conv_general_dilated_onednn.takes_bias = True
@@ -305,7 +306,6 @@ _BY_NAME: dict[str, Callable[..., jax.Array]] = {
     # what "auto" becomes for a batch split over several devices (sharded_conv)
     "auto_sharded": partial(_conv_auto, use_onednn=False),
 }
-_BY_NAME["auto_sharded"].takes_bias = True
 
 
 def sharded_conv(impl: str, devices: int) -> str:

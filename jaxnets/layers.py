@@ -23,7 +23,7 @@ from flax import nnx
 from jaxnets.conv import NHWC, conv_for, takes_bias
 from jaxnets.init import linear_inits
 from jaxnets.pooling import avg_pool, max_pool
-from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pool_options
+from jaxnets.spec import LAYER_KEYS, STATEFUL, Layer, conv_pads, pair, pool_options
 
 M_SQRT1_2 = 0.7071067811865476  # <cmath>'s M_SQRT1_2, 1 / sqrt(2), as torch's GELU uses it
 
@@ -202,30 +202,27 @@ class Residual(nnx.Module):
         return self.branch(x, train) + shortcut
 
 
-def _pair(value: int | tuple[int, ...] | None) -> tuple[int, int]:
-    return (1, 1) if value is None else (value, value) if isinstance(value, int) else tuple(value)
-
-
 class Conv(nnx.Conv):
     """``nnx.Conv`` (its parameters, names and defaults) that hands its bias to the
     convolution function where that function adds it itself (``jaxnets.conv.takes_bias``:
     "auto" and "onednn" add it inside oneDNN's primitive, which keeps the channel broadcast
     out of the next activation's XLA fusion; jaxnets.onednn.conv_onednn says why). Any other
-    function, any padding given as a string, a mask, input dilation or an output sharding
-    runs ``nnx.Conv`` unchanged."""
+    function, any padding given as a string, a mask, input dilation, a stride or dilation of
+    None or an output sharding runs ``nnx.Conv`` unchanged."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         conv = self.conv_general_dilated
         explicit = isinstance(self.padding, tuple | list) and all(
             isinstance(p, tuple | list) for p in self.padding)
-        plain = (self.mask is None and _pair(self.input_dilation) == (1, 1)
+        given = (self.strides, self.kernel_dilation, self.input_dilation)
+        plain = (self.mask is None and None not in given and pair(self.input_dilation) == (1, 1)
                  and self.preferred_element_type is None and out_sharding is None)
         if self.bias is None or inputs.ndim != 4 or not (explicit and plain and takes_bias(conv)):
             return super().__call__(inputs, out_sharding=out_sharding)
         inputs, kernel, bias = self.promote_dtype(
             (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        return conv(inputs, kernel, _pair(self.strides), tuple(map(tuple, self.padding)),
-                    rhs_dilation=_pair(self.kernel_dilation), dimension_numbers=NHWC,
+        return conv(inputs, kernel, pair(self.strides), tuple(map(tuple, self.padding)),
+                    rhs_dilation=pair(self.kernel_dilation), dimension_numbers=NHWC,
                     feature_group_count=self.feature_group_count, precision=self.precision,
                     bias=bias)
 

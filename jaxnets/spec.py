@@ -65,7 +65,8 @@ class Layer:
         return f"layer {self.name!r} ({self.type})"
 
 
-def _pair(value: Any) -> tuple[int, int]:
+def pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """An int or a pair -> a 2-tuple (kernel, stride, dilation, padding)."""
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
@@ -82,9 +83,9 @@ def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
         if not ok:
             raise bad(PAIR + (', "same" or "valid"' if key == "padding" else ""))
         low = 0 if key == "padding" else 1
-        if min(_pair(value)) < low:
+        if min(pair(value)) < low:
             raise bad(f">= {low}")
-        return _pair(value)
+        return pair(value)
     if key == "layers":
         if not isinstance(value, list) or not value:
             raise bad("a non-empty list of layer tables")
@@ -139,7 +140,7 @@ def parse_layers(raw: Any, where: str = "model.layers") -> list[Layer]:
             if key not in table:
                 if default is REQUIRED:
                     raise ConfigError(f"{at}: {kind} needs {key!r}")
-                options[key] = _pair(default) if key in ("stride", "dilation", "padding") \
+                options[key] = pair(default) if key in ("stride", "dilation", "padding") \
                     else default
             else:
                 options[key] = _check_value(key, table[key], default, at)

@@ -117,26 +117,6 @@ def test_gelu_exact_by_default():
     assert_allclose(jax_layers.gelu(x, approximate=True), tanh, 1e-6, "gelu tanh")
 
 
-def test_exact_gelu_is_torchs_formula():
-    """``gelu_erf`` computes torch's x * 0.5 * (1 + erf(x / sqrt 2)); the naive port,
-    ``jax.nn.gelu(approximate=False)``, computes 0.5 x erfc(-x / sqrt 2). Both are close to
-    torch's CPU GELU, whose erf is SLEEF's; the named one rounds like it more often. Measured
-    on these 10^5 values of 3 N(0, 1): 54.5 % bit-equal against 41.3 %; largest difference
-    5.2 spacings of x (at |x| ~ 3.5, where XLA's erf and SLEEF's differ by ~1e-6 near +-1)
-    against 4.5 (6.0 and 5.0 on 10^6 values); gradients within 2.4e-7 = 2 eps of torch's."""
-    x = (np.random.default_rng(0).standard_normal(100_000) * 3).astype(np.float32)
-    tx = torch.from_numpy(x).requires_grad_()
-    ty = F.gelu(tx)
-    ty.backward(torch.ones_like(ty))
-    expected, expected_grad = ty.detach().numpy(), tx.grad.numpy()
-    ours = np.asarray(jax.jit(jax_layers.gelu_erf)(x))
-    naive = np.asarray(jax.nn.gelu(x, approximate=False))
-    assert (ours == expected).mean() > (naive == expected).mean() + 0.1
-    assert np.all(np.abs(ours - expected) <= 6 * np.spacing(np.abs(x)))
-    grad = np.asarray(jax.vmap(jax.grad(jax_layers.gelu_erf))(x))
-    assert np.abs(grad - expected_grad).max() <= 2 * np.finfo(np.float32).eps
-
-
 def _edges_and_normal(shape=(200, 14, 14, 8)) -> np.ndarray:
     x = (RNG.standard_normal(shape) * 3).astype(np.float32)
     x.flat[:6] = [np.inf, -np.inf, np.nan, -100.0, 100.0, 0.0]
@@ -148,6 +128,23 @@ def _torch_value_and_grad(fn, x):
     y = fn(t)
     y.sum().backward()
     return y.detach().numpy(), t.grad.numpy()
+
+
+def test_exact_gelu_is_torchs_formula():
+    """``gelu_erf`` computes torch's x * 0.5 * (1 + erf(x / sqrt 2)); the naive port,
+    ``jax.nn.gelu(approximate=False)``, computes 0.5 x erfc(-x / sqrt 2). Both are close to
+    torch's CPU GELU, whose erf is SLEEF's; the named one rounds like it more often. Measured
+    on these 10^5 values of 3 N(0, 1): 54.5 % bit-equal against 41.3 %; largest difference
+    5.2 spacings of x (at |x| ~ 3.5, where XLA's erf and SLEEF's differ by ~1e-6 near +-1)
+    against 4.5 (6.0 and 5.0 on 10^6 values); gradients within 2.4e-7 = 2 eps of torch's."""
+    x = (np.random.default_rng(0).standard_normal(100_000) * 3).astype(np.float32)
+    expected, expected_grad = _torch_value_and_grad(F.gelu, x)
+    ours = np.asarray(jax.jit(jax_layers.gelu_erf)(x))
+    naive = np.asarray(jax.nn.gelu(x, approximate=False))
+    assert (ours == expected).mean() > (naive == expected).mean() + 0.1
+    assert np.all(np.abs(ours - expected) <= 6 * np.spacing(np.abs(x)))
+    grad = np.asarray(jax.vmap(jax.grad(jax_layers.gelu_erf))(x))
+    assert np.abs(grad - expected_grad).max() <= 2 * np.finfo(np.float32).eps
 
 
 def test_silu_is_torchs_formula_with_torchs_gradient():

@@ -20,6 +20,17 @@ MODES = ("jit_step", "scan", "stream", "eager", "compile")
 JAX_MODES = ("jit_step", "scan", "stream")
 
 
+def _at_size(machine: dict[str, Any], framework: str) -> str:
+    size = machine.get(f"{framework}_matmul_size")
+    return f" at {size}^3" if size else ""
+
+
+def _sizes(machine: dict[str, Any]) -> str:
+    """The square sizes the peak was measured at (results from before several sizes had
+    2048 only)."""
+    return ", ".join(f"{n}^3" for n in machine.get("matmul_gflops_by_size", {"2048": 0}))
+
+
 def machine_info(device: str, peak: dict[str, float],
                  threads: dict[str, Any] | None = None) -> dict[str, Any]:
     """The machine, versions, thread counts (``bench.timing.set_threads``' read-back) and
@@ -105,8 +116,10 @@ def markdown(machine: dict[str, Any], rows: list[dict], command: str) -> str:
         f"JAX devices {', '.join(machine['jax_devices'])}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()) + ".",
-        f"Measured float32 matmul peak ({2048}^3): {machine['matmul_peak_gflops']:.1f} GFLOP/s "
-        f"(JAX {machine['jax_gflops']:.1f}, PyTorch {machine['torch_gflops']:.1f})"
+        f"Measured float32 matmul peak: {machine['matmul_peak_gflops']:.1f} GFLOP/s "
+        f"(JAX {machine['jax_gflops']:.1f}{_at_size(machine, 'jax')}, PyTorch "
+        f"{machine['torch_gflops']:.1f}{_at_size(machine, 'torch')}; the best median of "
+        f"{_sizes(machine)} matmuls)"
         + (f", unstable: {'; '.join(machine['matmul_peak_unstable'])}."
            if machine.get("matmul_peak_unstable") else "."), "",
         "Samples/s are medians over the repeats (min-max in brackets), the modes of a config "

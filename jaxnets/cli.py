@@ -422,7 +422,8 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
           f"JAX CPU dispatch {threads['jax_cpu_dispatch']}")
     peak = measure.matmul_peak(args.repeats, args.device)
     print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
-          f"{peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})"
+          f"{peak['jax_gflops']:.1f} at {peak['jax_matmul_size']}^3, torch "
+          f"{peak['torch_gflops']:.1f} at {peak['torch_matmul_size']}^3)"
           + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
              if peak["matmul_peak_unstable"] else ""))
     rows = []

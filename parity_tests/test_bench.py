@@ -53,6 +53,21 @@ def test_bench_writes_results(tmp_path):
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_matmul_peak_is_the_best_size_of_either_framework(monkeypatch):
+    monkeypatch.setitem(measure.MATMUL_SIZES, "cpu", (64, 256))
+    peak = measure.matmul_peak(repeats=2)
+    by_size = peak["matmul_gflops_by_size"]
+    assert set(by_size) == {"64", "256"}
+    for framework in ("jax", "torch"):
+        best = max(by_size, key=lambda n: by_size[n][framework])
+        assert peak[f"{framework}_matmul_size"] == int(best)
+        assert peak[f"{framework}_gflops"] == by_size[best][framework] > 0
+    assert peak["matmul_peak_gflops"] == max(g for f in by_size.values() for g in f.values())
+    text = report.markdown(report.machine_info("cpu", peak), [], "jaxnets bench")
+    assert (f"JAX {peak['jax_gflops']:.1f} at {peak['jax_matmul_size']}^3" in text
+            and "the best median of 64^3, 256^3 matmuls" in text)
+
+
 def test_flops_for_every_layer_type():
     # resnet_gelu_fashion by hand, one example: stem 3x3 1->8 at 28x28; block1 two 3x3 8->8
     # at 28x28, its add; block2 3x3 8->16 stride 2 and 3x3 16->16 at 7x7, the 1x1 8->16

@@ -59,7 +59,7 @@ fashion-data:
 ONEDNN_LIB := jaxnets/native/libjaxnets_onednn.so
 onednn: $(ONEDNN_LIB)
 
-$(ONEDNN_LIB): jaxnets/native/onednn_conv.cc $(VENV)/.installed
+$(ONEDNN_LIB): jaxnets/native/onednn_conv.cc jaxnets/native/transpose.cc $(VENV)/.installed
 	@if [ -f /usr/include/dnnl.hpp ]; then :; \
 	elif $(call can_apt); then $(call apt_install,libdnnl-dev); \
 	fi

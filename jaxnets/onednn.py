@@ -17,7 +17,9 @@ SimpleNet 15,923 against 18,517; so every forward is oneDNN's (SimpleNet's 20->2
 one layer measured slower there).
 
 The kernel is C++ (``jaxnets/native/onednn_conv.cc``) built against Debian's ``libdnnl-dev``
-by ``python -m jaxnets.onednn build`` (``make`` runs it). Without the built library,
+by ``python -m jaxnets.onednn build`` (``make`` runs it). The same library holds
+:func:`transposed_copy` (``jaxnets/native/transpose.cc``, no oneDNN in it), the thin weight
+gradients' path of :func:`jaxnets.layers.linear_dot_general`. Without the built library,
 ``available()`` is False and "auto" keeps the canonical Eigen path (jaxnets.conv). PyTorch's
 wheel ships its own ``libgomp.so.1``, which this oneDNN then shares: ``jaxnets bench`` times
 each framework in its own process for that reason (bench/hosts.py).
@@ -41,12 +43,14 @@ __all__ = [
     "available",
     "build",
     "conv_onednn",
+    "transposed_copy",
     "unavailable_reason",
     "version",
 ]
 
 NATIVE = Path(__file__).with_name("native")
 SOURCE = NATIVE / "onednn_conv.cc"
+SOURCES = (SOURCE, NATIVE / "transpose.cc")
 LIBRARY = NATIVE / "libjaxnets_onednn.so"
 HEADER = Path("/usr/include/dnnl.hpp")
 TARGETS = ("Forward", "ForwardBias", "BackwardData", "BackwardWeights", "BackwardWeightsBias")
@@ -55,8 +59,8 @@ TARGETS = ("Forward", "ForwardBias", "BackwardData", "BackwardWeights", "Backwar
 def compile_command() -> list[str]:
     """The one command that builds LIBRARY (g++ and Debian's libdnnl-dev)."""
     return ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes",
-            "-Wno-return-type", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(LIBRARY),
-            "-ldnnl"]
+            "-Wno-return-type", f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o",
+            str(LIBRARY), "-ldnnl"]
 
 
 def build() -> None:
@@ -70,8 +74,10 @@ def unavailable_reason() -> str | None:
     if not LIBRARY.exists():
         return (f"{LIBRARY} is not built (needs libdnnl-dev: apt-get install libdnnl-dev; "
                 "then python -m jaxnets.onednn build, or make)")
-    if SOURCE.exists() and SOURCE.stat().st_mtime > LIBRARY.stat().st_mtime:
-        return f"{LIBRARY} is older than {SOURCE.name}: rebuild with python -m jaxnets.onednn build"
+    for source in SOURCES:
+        if source.exists() and source.stat().st_mtime > LIBRARY.stat().st_mtime:
+            return (f"{LIBRARY} is older than {source.name}: rebuild with "
+                    "python -m jaxnets.onednn build")
     try:
         lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
     except OSError as err:
@@ -80,6 +86,8 @@ def unavailable_reason() -> str | None:
         jax.ffi.register_ffi_target(f"jaxnets_onednn_conv_{name}",
                                     jax.ffi.pycapsule(getattr(lib, f"JaxnetsOnednnConv{name}")),
                                     platform="cpu")
+    jax.ffi.register_ffi_target("jaxnets_transpose", jax.ffi.pycapsule(lib.JaxnetsTranspose),
+                                platform="cpu")
     return None
 
 
@@ -163,6 +171,22 @@ def _backward(strides, padding, dilation, residuals, dy):
 
 
 conv_onednn.defvjp(_forward, _backward)
+
+
+@jax.custom_jvp
+def transposed_copy(x: jax.Array) -> jax.Array:
+    """``x.T`` of a 2-D float32 array on the CPU, made by an FFI call into a new row-major
+    buffer: XLA cannot fold it into the dot that consumes it, as it does ``x.T``
+    (jaxnets.layers.linear_dot_general says when that matters). Needs the library."""
+    if not available():  # registers the FFI targets on first use
+        raise RuntimeError(f"transposed_copy: {unavailable_reason()}")
+    return jax.ffi.ffi_call("jaxnets_transpose", jax.ShapeDtypeStruct(x.shape[::-1], x.dtype),
+                            vmap_method="sequential")(x)
+
+
+@transposed_copy.defjvp
+def _transposed_copy_jvp(primals, tangents):
+    return transposed_copy(primals[0]), tangents[0].T  # linear: the tangent transposes too
 
 
 def main(argv: list[str]) -> int:

@@ -65,6 +65,28 @@ def mode_units(mode: str, unit_cfg: dict, unit_data, epochs: range, device: str)
     return torch_train_unit, trainer.evaluate, torch_sync(device), len(trainer.test_x)
 
 
+def matmul_unit(framework: str, n: int, device: str):
+    """(one float32 n x n x n matmul, wait-for-results) in ``framework``: the unit of
+    ``bench.measure.matmul_peak``."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        matmul, ja, jb = jax.jit(jnp.matmul), jnp.asarray(a), jnp.asarray(b)
+        return (lambda: matmul(ja, jb).block_until_ready()), (lambda: None)
+    import torch
+
+    from bench.measure import torch_sync
+
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
+    return (lambda: ta @ tb), torch_sync(device)
+
+
 class LocalHost:
     """Units built, warmed up and timed in this process."""
 
@@ -94,6 +116,16 @@ class LocalHost:
             warm = {"train": warm_up(train, sync), "infer": warm_up(infer, sync)}
         self.units[mode] = {"train": train, "infer": infer, "sync": sync}
         return {"warm": warm, "test_examples": test_examples, "peak_rss": rss.peak}
+
+    def build_matmul(self, framework: str, n: int) -> str:
+        """Build and warm up :func:`matmul_unit`: the name to ``run`` it by (phase "train")."""
+        from bench.timing import warm_up
+
+        unit, sync = matmul_unit(framework, n, self.device)
+        warm_up(unit, sync)
+        name = f"matmul_{framework}_{n}"
+        self.units[name] = {"train": unit, "sync": sync}
+        return name
 
     def run(self, mode: str, phase: str, count: int) -> float:
         """Seconds for ``count`` runs of one unit, its results waited for."""
@@ -157,6 +189,9 @@ class WorkerHost:
 
     def build(self, mode: str, unit_cfg: dict, unit_data, epochs: range) -> dict[str, Any]:
         return self._call("build", mode, unit_cfg, unit_data, epochs)
+
+    def build_matmul(self, framework: str, n: int) -> str:
+        return self._call("build_matmul", framework, n)
 
     def run(self, mode: str, phase: str, count: int) -> float:
         return self._call("run", mode, phase, count)

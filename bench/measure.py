@@ -20,9 +20,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import psutil
 
 from bench.hosts import JAX_MODES, Hosts, framework_of
@@ -62,29 +59,31 @@ class PeakRSS:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def matmul_peak(repeats: int, device: str = "cpu") -> dict[str, Any]:
-    """float32 GFLOP/s of square matmuls in each framework, the two timed in turn (A B A B)
-    at each size of ``MATMUL_SIZES[device]``; a framework's figure is its best size's median
-    and the machine's peak the larger of the two.
+def matmul_peak(repeats: int, device: str = "cpu",
+                hosts: Hosts | None = None) -> dict[str, Any]:
+    """float32 GFLOP/s of square matmuls in each framework, in the framework's own worker
+    process (``hosts``, as the modes are timed; default a fresh isolated pair), the two timed
+    in turn (A B A B) at each size of ``MATMUL_SIZES[device]``; a framework's figure is its
+    best size's median and the machine's peak the larger of the two.
 
     Why several sizes: one size is not the peak everywhere. On a 2-core EPYC VM (JAX,
     medians of 7) 512^3 ran at 208, 1024^3 at 206, 2048^3 at 198 and 4096^3 at 178
     GFLOP/s, and a bench run whose only peak was 2048^3 (189) printed the seed MLP's
-    inference, a (1000, 784) x (784, 512) matmul, at 106 % of it."""
-    import torch
-
-    rng = np.random.default_rng(0)
-    dev = torch.device("cuda" if device == "gpu" else "cpu")
-    jax_mm = jax.jit(jnp.matmul)
+    inference, a (1000, 784) x (784, 512) matmul, at 106 % of it. Why the workers: timed in
+    one process, each framework's threads slowed the other's next matmul (512^3 at 159
+    against 208 GFLOP/s)."""
+    if hosts is None:
+        with Hosts(device) as own:
+            return matmul_peak(repeats, device, own)
     by_size, unstable = {}, {"jax": {}, "torch": {}}
     for n in MATMUL_SIZES[device]:
-        a = rng.standard_normal((n, n), np.float32)
-        b = rng.standard_normal((n, n), np.float32)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
-        timings = timed_interleaved(
-            {"jax": (lambda ja=ja, jb=jb: jax_mm(ja, jb).block_until_ready(), lambda: None),
-             "torch": (functools.partial(torch.matmul, ta, tb), torch_sync(device))}, repeats)
+        runners = {}
+        for framework in ("jax", "torch"):
+            host = hosts.for_framework(framework)
+            runners[framework] = functools.partial(host.run, host.build_matmul(framework, n),
+                                                   "train")
+        timings = timed_interleaved(runners, repeats, warm_up_first=False,
+                                    workers=hosts.worker_pids())
         by_size[n] = {f: 2 * n**3 / t["median_s"] / 1e9 for f, t in timings.items()}
         for f, t in timings.items():
             unstable[f][n] = [f"{f} {n}^3: {reason}" for reason in t["unstable"]]

@@ -420,15 +420,15 @@ def _bench(args: argparse.Namespace, modes: tuple[str, ...]) -> int:
     threads = {**timing.set_threads(), "jax_cpu_dispatch": read_cpu_dispatch()}
     print(f"threads: torch {threads['torch_threads']}, XLA:CPU {threads['jax_cpu_threads']}; "
           f"JAX CPU dispatch {threads['jax_cpu_dispatch']}")
-    peak = measure.matmul_peak(args.repeats, args.device)
-    print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
-          f"{peak['jax_gflops']:.1f} at {peak['jax_matmul_size']}^3, torch "
-          f"{peak['torch_gflops']:.1f} at {peak['torch_matmul_size']}^3)"
-          + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
-             if peak["matmul_peak_unstable"] else ""))
     rows = []
     # a worker process per framework (bench.hosts), JAX's with this process's CPU dispatch
     with Hosts(args.device, dispatch=threads["jax_cpu_dispatch"]) as hosts:
+        peak = measure.matmul_peak(args.repeats, args.device, hosts)
+        print(f"matmul peak: {peak['matmul_peak_gflops']:.1f} GFLOP/s (jax "
+              f"{peak['jax_gflops']:.1f} at {peak['jax_matmul_size']}^3, torch "
+              f"{peak['torch_gflops']:.1f} at {peak['torch_matmul_size']}^3)"
+              + (f"; unstable: {'; '.join(peak['matmul_peak_unstable'])}"
+                 if peak["matmul_peak_unstable"] else ""))
         for cfg in _configs_on_images(args.configs, args.dataset):
             rows += measure.bench_config(cfg, load_dataset(cfg["data"]), args.repeats,
                                          args.steps, args.device, modes, hosts=hosts)

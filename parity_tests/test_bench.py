@@ -108,7 +108,7 @@ def test_unstable_modes_are_left_out_of_the_ratios():
                "torch_gflops": 1.0, "matmul_peak_unstable": ["spread 1.50 > 1.3"]}
     text = report.markdown(machine, rows, "cmd")
     assert "| c | jit_step (!) |" in text and "- c compile train: other processes" in text
-    assert "PyTorch 1.0), unstable: spread 1.50 > 1.3." in text
+    assert "PyTorch 1.0; the best median of 2048^3 matmuls), unstable: spread 1.50 > 1.3." in text
 
 
 def test_a_competing_process_flags_the_measurement():

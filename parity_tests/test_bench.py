@@ -205,3 +205,16 @@ def test_bench_runs_jax_with_the_cli_cpu_dispatch(tmp_path):
         machine = json.loads((out / "results.json").read_text())["machine"]
         assert machine["jax_cpu_dispatch"] == expected
         assert f"JAX CPU dispatch {expected}" in (out / "results.md").read_text()
+
+
+def test_the_transposed_dot_reproduction_prints_both_forms(capsys):
+    """``bench/xla_transposed_dot.py`` (the reproduction for XLA): one row per shape with
+    both forms' times; no speed is asserted."""
+    from bench import xla_transposed_dot
+
+    assert xla_transposed_dot.main(["--batch", "8", "--fan-in", "256", "--out", "1", "3",
+                                    "--repeats", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 8 |")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("256", "1"), ("256", "3")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

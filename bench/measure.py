@@ -69,9 +69,11 @@ def matmul_peak(repeats: int, device: str = "cpu",
     Why several sizes: one size is not the peak everywhere. On a 2-core EPYC VM (JAX,
     medians of 7) 512^3 ran at 208, 1024^3 at 206, 2048^3 at 198 and 4096^3 at 178
     GFLOP/s, and a bench run whose only peak was 2048^3 (189) printed the seed MLP's
-    inference, a (1000, 784) x (784, 512) matmul, at 106 % of it. Why the workers: timed in
-    one process, each framework's threads slowed the other's next matmul (512^3 at 159
-    against 208 GFLOP/s)."""
+    inference, a (1000, 784) x (784, 512) matmul, at 106 % of it. Why the workers: the
+    modes run there, under the bench's settings (JAX's CPU dispatch, the thread pools), so the
+    peak is measured as they are; timed in the coordinating process, with both frameworks
+    loaded, JAX's 512^3 ran at 159 GFLOP/s against 169-180 in its worker in later runs (and
+    192-208 alone in a process of its own, "sync" and "async" dispatch)."""
     if hosts is None:
         with Hosts(device) as own:
             return matmul_peak(repeats, device, own)

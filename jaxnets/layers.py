@@ -231,7 +231,7 @@ def _projection(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.M
     c_in, c_out = layer.in_shape[0], layer.out_shape[0]
     inits = linear_inits(settings["init"], c_in, settings["init_std"])
     if layer.projection["kind"] == "linear":
-        return nnx.Linear(c_in, c_out, rngs=rngs, **inits)
+        return nnx.Linear(c_in, c_out, rngs=rngs, **_native_linear(settings), **inits)
     stride = layer.projection["stride"]
     return Conv(c_in, c_out, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
                 conv_general_dilated=conv_for(settings["conv"]), rngs=rngs, **inits)
@@ -308,15 +308,20 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
     return _linear_matmul(lhs, rhs, precision)
 
 
+def _native_linear(settings: dict[str, Any]) -> dict[str, Any]:
+    """``nnx.Linear``'s keyword for the builder's linear layers (and linear projections):
+    ``model.conv = "auto"`` (the default: the native library where it is faster) gives them
+    :func:`linear_dot_general`; any other setting, "auto_sharded" (a batch split over
+    devices, which XLA cannot partition through an FFI call) included, keeps XLA's dot for
+    every pass."""
+    return {"dot_general": linear_dot_general} if settings["conv"] == "auto" else {}
+
+
 def _linear(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> nnx.Linear:
-    """``model.conv = "auto"`` (the default: the native library where it is faster) also
-    gives the layer :func:`linear_dot_general`; any other setting, "auto_sharded" (a batch
-    split over devices, which XLA cannot partition through an FFI call) included, keeps
-    XLA's dot for every pass."""
     fan_in = layer.in_shape[0]
-    native = {"dot_general": linear_dot_general} if settings["conv"] == "auto" else {}
     return nnx.Linear(fan_in, layer.options["out"], use_bias=layer.options["bias"], rngs=rngs,
-                      **native, **linear_inits(settings["init"], fan_in, settings["init_std"]))
+                      **_native_linear(settings),
+                      **linear_inits(settings["init"], fan_in, settings["init_std"]))
 
 
 def _conv(layer: Layer, settings: dict[str, Any], rngs: nnx.Rngs) -> Conv:

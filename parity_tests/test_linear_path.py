@@ -13,6 +13,7 @@ from test_conv_path import _tiny_trainer, without_onednn  # noqa: F401 (a fixtur
 from test_onednn import needs_library
 
 from jaxnets import onednn
+from jaxnets.config import load_config
 from jaxnets.layers import MATMUL, linear_dot_general, uses_transposed_copy
 
 TRANSPOSE = "jaxnets_transpose"
@@ -117,3 +118,30 @@ def test_without_the_library_the_weight_gradient_is_xlas_dot():
     """Where the library is not built, "auto" trains the seed MLP on XLA's dots alone."""
     trainer = _tiny_trainer("mlp_mnist")
     assert TRANSPOSE not in trainer._compiled_epoch((2, 8)).as_text()
+
+
+@needs_library
+def test_a_residuals_linear_projection_takes_the_same_path():
+    """A residual block on 256 features whose branch is a linear 256 -> 16: the branch and the
+    projection that maps the skip to 16 features are both linear layers of the builder with
+    ``linear_dot_general``; their weight gradients share one copy of their common input (XLA
+    merges the two identical calls)."""
+    from flax import nnx
+
+    from jaxnets.models import build_model
+
+    model_cfg = {**load_config("mlp_mnist")["model"], "name": "Sequential", "layers": [
+        {"type": "residual", "layers": [{"type": "linear", "out": 16}]}]}
+    model = build_model(model_cfg, seed=0, input_shape=(256,))
+    graphdef, state = nnx.split(model)
+
+    def loss(state, x):
+        return nnx.merge(graphdef, state)(x).sum()
+
+    text = jax.jit(jax.grad(loss)).lower(state, jnp.ones((8, 256), jnp.float32)).compile(
+    ).as_text()
+    assert text.count(f'"{TRANSPOSE}"') == 1
+    block = model.module("residual_0")
+    assert block.projection.dot_general is linear_dot_general
+    linears = [m for _, m in nnx.iter_graph(block) if isinstance(m, nnx.Linear)]
+    assert len(linears) == 2 and all(m.dot_general is linear_dot_general for m in linears)

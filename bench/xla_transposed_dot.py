@@ -29,8 +29,8 @@ def _scan_of(product):
         def body(acc, xg):
             return acc + product(*xg), None
 
-        fan_in = xs.shape[-1] if product is transposed_dot else xs.shape[-2]
-        return jax.lax.scan(body, jnp.zeros((fan_in, gs.shape[-1]), jnp.float32), (xs, gs))[0]
+        total = jnp.zeros(jax.eval_shape(product, xs[0], gs[0]).shape, jnp.float32)
+        return jax.lax.scan(body, total, (xs, gs))[0]
 
     return jax.jit(epoch)
 

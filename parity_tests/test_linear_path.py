@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_conv_path import _tiny_trainer, without_onednn  # noqa: F401 (a fixture)
-from test_onednn import needs_library
+from test_onednn import assert_within_summation_bound, needs_library
 
 from jaxnets import onednn
 from jaxnets.config import load_config
@@ -62,13 +62,9 @@ def test_values_and_gradients_within_the_float32_summation_bound(batch, fan_in, 
                                  *(jnp.asarray(a, jnp.float64) for a in (x, kernel, cotangent)))
         magnitude = _value_and_grads(jax.lax.dot_general, *(
             jnp.abs(jnp.asarray(a, jnp.float64)) for a in (x, kernel, cotangent)))
-    eps = np.finfo(np.float32).eps
     for name, got, ref, mag, k in zip(("forward", "input gradient", "weight gradient"), ours,
                                       exact, magnitude, (fan_in, out, batch), strict=True):
-        assert got.dtype == jnp.float32 and got.shape == ref.shape, name
-        error = np.abs(np.asarray(got, np.float64) - np.asarray(ref))
-        bound = k * eps * np.asarray(mag)
-        assert np.all(error <= bound), (name, float((error / bound).max()))
+        assert_within_summation_bound(name, got, ref, mag, k)
 
 
 @pytest.mark.parametrize("batch,fan_in,out", [(100, 784, 10), (100, 512, 64), (8, 3, 2)],

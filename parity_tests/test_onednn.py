@@ -80,14 +80,19 @@ def test_forward_and_gradients_within_the_float32_summation_bound(case, bias):
     assert (ours[3] is None) == (b is None)
     terms = (kh * kw * c + bias, kh * kw * o, n * y_shape[1] * y_shape[2],
              n * y_shape[1] * y_shape[2])
-    eps = np.finfo(np.float32).eps
     for name, got, ref, mag, k in zip(("forward", "input gradient", "kernel gradient",
                                        "bias gradient"), ours[:3 + bias], exact, magnitude,
                                       terms, strict=False):
-        assert got.dtype == jnp.float32 and got.shape == ref.shape, name
-        error = np.abs(np.asarray(got, np.float64) - np.asarray(ref))
-        bound = k * eps * np.asarray(mag)
-        assert np.all(error <= bound), (name, float((error / np.maximum(bound, 1e-300)).max()))
+        assert_within_summation_bound(name, got, ref, mag, k)
+
+
+def assert_within_summation_bound(name, got, exact, magnitude, terms):
+    """float32 ``got``, each entry a sum of ``terms`` products, within terms * eps * its
+    |terms| sum (``magnitude``) of the float64 ``exact`` (gamma_K rounded up)."""
+    assert got.dtype == jnp.float32 and got.shape == exact.shape, name
+    error = np.abs(np.asarray(got, np.float64) - np.asarray(exact))
+    bound = terms * np.finfo(np.float32).eps * np.asarray(magnitude)
+    assert np.all(error <= bound), (name, float((error / np.maximum(bound, 1e-300)).max()))
 
 
 def _targets(text: str) -> list[str]:
